@@ -1,0 +1,169 @@
+"""The one place that loads and validates a training config.
+
+The shipped config.yaml holds every key with its default; a user's file and
+`--set section.key=value` overrides may only change keys that exist there, and
+each keeps the type of its default.
+"""
+import copy
+import difflib
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+DEFAULTS_PATH = Path(__file__).with_name("config.yaml")
+MIN_IMAGE_SIDE = 32  # every supported backbone downsamples by 32
+CHOICES = {
+    "data.case": ("sensitive", "lower", "upper"),
+    "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "train.distribute": ("none", "data_parallel"),
+}
+
+
+def quiet_backend_startup():
+    """TensorFlow prints start-up notices on stderr before its log level applies; start it with them hidden."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow" or not importlib.util.find_spec("tensorflow"):
+        return
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow
+
+        tensorflow.config.list_physical_devices("GPU")  # looking for a GPU logs too
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class UserError(Exception):
+    """A mistake in the user's data, config or command line: shown as one line, no traceback."""
+
+
+def read_yaml(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path} must hold sections of keys, like the shipped config.yaml")
+    return content
+
+
+def flatten(cfg):
+    return {f"{s}.{k}": v for s, keys in cfg.items() for k, v in keys.items()}
+
+
+def checked_value(key, value, default, source):
+    """Returns value with the type of default, or raises UserError."""
+    kind = type(default)
+    expected = {type(None): "a string or null", bool: "true or false", int: "an integer", float: "a number",
+                str: "a string", list: f"a list like {default}"}
+    ok = (
+        (kind is type(None) and (value is None or isinstance(value, str)))
+        or (kind is bool and isinstance(value, bool))
+        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+        or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (kind is str and isinstance(value, str))
+        or (kind is list and isinstance(value, list) and len(value) == len(default)
+            and all(type(v) is type(d) for v, d in zip(value, default)))
+    )
+    if not ok:
+        raise UserError(f"{source}: {key} must be {expected[kind]}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def apply(cfg, defaults, key, value, source):
+    flat_defaults = flatten(defaults)
+    if key not in flat_defaults:
+        close = difflib.get_close_matches(key, flat_defaults, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UserError(f"{source}: unknown config key {key}{hint}")
+    section, name = key.split(".", 1)
+    cfg[section][name] = checked_value(key, value, flat_defaults[key], source)
+
+
+def parse_override(text, defaults):
+    """`section.key=value`: the value is YAML, except for string keys, which take it verbatim
+    (so that a charset like 0123456789 stays a string)."""
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise UserError(f"--set {text}: expected section.key=value")
+    key = key.strip()
+    default = flatten(defaults).get(key)
+    if isinstance(default, str) or (default is None and raw.strip() not in ("null", "~", "")):
+        return key, raw
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise UserError(f"--set {text}: the value is not valid YAML") from None
+
+
+def validate(cfg):
+    data, model, train = cfg["data"], cfg["model"], cfg["train"]
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        if cfg[section][name] not in choices:
+            raise UserError(f"{key} must be one of {', '.join(choices)}, got {cfg[section][name]!r}")
+    height, width = data["image_size"]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise UserError(f"data.image_size {data['image_size']} is too small for the backbone, which "
+                        f"downsamples by 32: each side must be at least {MIN_IMAGE_SIDE} pixels")
+    bounds = [("data.length", data["length"] >= 1), ("data.test_fraction", 0 < data["test_fraction"] < 1),
+              ("model.dropout", 0 <= model["dropout"] < 1), ("train.epochs", train["epochs"] >= 1),
+              ("train.batch_size", train["batch_size"] >= 1), ("train.learning_rate", train["learning_rate"] > 0),
+              ("train.patience", train["patience"] >= 0), ("train.label_smoothing", 0 <= train["label_smoothing"] < 1),
+              ("train.augment_shift", 0 <= train["augment_shift"] < 0.5)]
+    for key, ok in bounds:
+        if not ok:
+            raise UserError(f"{key} is out of range: {flatten(cfg)[key]!r}")
+    charset = data["charset"]
+    if charset is not None and (not charset or len(set(charset)) != len(charset)):
+        raise UserError(f"data.charset must be non-empty with no repeated characters, got {charset!r}")
+    if data["label_pattern"] is not None:
+        try:
+            re.compile(data["label_pattern"])
+        except re.error as e:
+            raise UserError(f"data.label_pattern is not a valid regular expression: {e}") from None
+    import keras  # deferred: reading a config should not wait for a backend unless it is valid so far
+
+    if not callable(getattr(keras.applications, model["backbone"], None)):
+        raise UserError(f"model.backbone {model['backbone']!r} is not a keras.applications model, "
+                        f"such as Xception, ResNet50, EfficientNetV2B0 or MobileNetV3Small")
+
+
+def load_config(path=None, overrides=()):
+    """Defaults from the shipped config.yaml, then the user's file, then --set overrides."""
+    defaults = read_yaml(DEFAULTS_PATH)
+    cfg = copy.deepcopy(defaults)
+    if path is not None and Path(path).resolve() != DEFAULTS_PATH.resolve():
+        user = read_yaml(path)
+        for section, keys in user.items():
+            if not isinstance(keys, dict):
+                raise UserError(f"{path}: {section} must be a section of keys")
+            for name, value in keys.items():
+                apply(cfg, defaults, f"{section}.{name}", value, str(path))
+    for text in overrides:
+        key, value = parse_override(text, defaults)
+        apply(cfg, defaults, key, value, f"--set {text}")
+    validate(cfg)
+    return cfg
+
+
+def run(main, interrupted="interrupted"):
+    """Runs a script's main(): a user's mistake is one line on stderr, not a traceback."""
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)

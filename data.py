@@ -1,0 +1,417 @@
+"""Captcha files, their labels and their pixels.
+
+Every path that turns an image into model input (training, evaluation, prediction)
+goes through decode_image(), so they can never disagree. This module does not
+import Keras, so that decoding workers start fast.
+
+    python data.py synth --out DIR --count N [--length 4] [--charset CHARS] [--size HxW] [--seed S]
+"""
+import argparse
+import csv
+import glob
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import re
+import string
+import sys
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+from tqdm import tqdm
+
+from config import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+# Captchas are small: refuse larger images from their header, before decoding them.
+MAX_PIXELS = 4096 * 4096
+# Part of the cache key: bump it whenever decode_image's output changes.
+DECODE_VERSION = 1
+SYNTH_CHARSET = string.digits + string.ascii_uppercase
+SYNTH_COUNT = 10_000
+
+
+class ImageError(ValueError):
+    """An image that cannot be read; the message is the reason, in a few words."""
+
+
+def decode_image(source, size):
+    """Any image (path, bytes, PIL image or array) -> uint8 array of shape (height, width, 3).
+
+    Every mode is accepted: 1-bit, grayscale, 16-bit, palette, CMYK, with or without
+    transparency (composited on white), and the first frame of an animation.
+    """
+    height, width = size
+    if isinstance(source, Image.Image):
+        image = source
+    elif isinstance(source, np.ndarray):
+        image = array_to_image(source)
+    else:
+        image = open_image(read_bytes(source))
+    try:
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageError(f"too large to be a captcha: {image.width}x{image.height} pixels")
+        image.seek(0)
+        image.load()
+        image = to_rgb(image).resize((width, height), Image.Resampling.BILINEAR)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"corrupt image: {e}") from None
+    return np.asarray(image, dtype=np.uint8)
+
+
+def read_bytes(source):
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        content = bytes(source)
+    else:
+        try:
+            with open(source, "rb") as f:
+                content = f.read()
+        except OSError as e:
+            raise ImageError(f"unreadable: {e.strerror}") from None
+    if not content:
+        raise ImageError("empty file")
+    return content
+
+
+def open_image(content):
+    """Reads only the header: a decompression bomb is refused before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(content))
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise ImageError("too large to be a captcha") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageError(f"corrupt image: {e}") from None
+
+
+def array_to_image(array):
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ImageError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, not {array.shape}")
+    if array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def to_rgb(image):
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit and float grayscale: scale the full range to 8 bits instead of clipping it.
+        values = np.asarray(image, dtype=np.float32)
+        peak = 65535.0 if values.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).astype(np.uint8))
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated download is an error, not a half-grey captcha
+
+
+# ---------------------------------------------------------------- files and labels
+
+def find_images(root):
+    root = Path(root)
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def expand_paths(paths):
+    """Folders (read recursively), files and globs -> sorted unique paths, and the arguments that matched nothing."""
+    found, unmatched = set(), []
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            matches = find_images(path)
+        elif path.exists():
+            matches = [path]
+        else:
+            matches = [Path(p) for p in glob.glob(arg, recursive=True)]
+            matches = [p for m in matches for p in (find_images(m) if m.is_dir() else [m])]
+        if not matches:
+            unmatched.append(arg)
+        found.update(matches)
+    return sorted(found), unmatched
+
+
+def normalise_label(label, case):
+    label = label.strip()
+    return {"lower": label.lower(), "upper": label.upper()}.get(case, label)
+
+
+def label_from_name(path, pattern, fits, length):
+    """The label in a file name: data.label_pattern if set, else the first of `LABEL`,
+    `LABEL_anything` and `anything_LABEL` that fits the expected length and charset, or failing
+    that the length alone (so that an error can name the characters that do not fit)."""
+    stem = Path(path).stem
+    if pattern:
+        match = re.fullmatch(pattern, stem)
+        if not match:
+            return None
+        regex = match.re
+        return match.group("label") if "label" in regex.groupindex else match.group(1 if regex.groups else 0)
+    candidates = [stem, stem.split("_", 1)[0], stem.rsplit("_", 1)[-1]]
+    return next((c for c in candidates if fits(c)), None) or next(
+        (c for c in candidates if len(c.strip()) == length), stem)
+
+
+def read_labels_csv(csv_path, root):
+    """`filename,label` rows -> ({relative path: label}, notes). Tolerates a BOM, a header,
+    extra columns, blank lines, Windows line endings and repeated rows."""
+    labels, notes, conflicting = {}, [], set()
+    missing, repeated = [], 0
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as f:
+            rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except FileNotFoundError:
+        raise UserError(f"label file not found: {csv_path}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{csv_path} is not UTF-8 text") from None
+    if rows and rows[0][0].strip().lower() in ("filename", "file", "path", "image", "name"):
+        rows = rows[1:]
+    for number, row in enumerate(rows, 1):
+        if len(row) < 2:
+            raise UserError(f"{csv_path}: row {number} {','.join(row)!r} has no label column")
+        name, label = row[0].strip().replace("\\", "/"), row[1]
+        if not (Path(root) / name).is_file():
+            missing.append(name)
+        elif name in labels and labels[name] != label:
+            conflicting.add(name)
+        elif name in labels:
+            repeated += 1
+        labels[name] = label
+    for name in conflicting:
+        del labels[name]
+    for name in missing:
+        labels.pop(name, None)
+    if missing:
+        notes.append(f"{len(missing)} rows name missing files, skipped: {', '.join(missing[:3])}")
+    if repeated:
+        notes.append(f"{repeated} repeated rows ignored")
+    if conflicting:
+        notes.append(f"{len(conflicting)} files listed twice with different labels, skipped: "
+                     f"{', '.join(sorted(conflicting)[:3])}")
+    return labels, notes
+
+
+def labelled_files(root, labels_csv, pattern, case, length, charset):
+    """-> ([(path, label)], notes). Labels are normalised but not yet validated."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder not found: {root}")
+    if labels_csv:
+        table, notes = read_labels_csv(labels_csv, root)
+        items = [(root / name, normalise_label(label, case)) for name, label in sorted(table.items())]
+        if not items:
+            raise UserError(f"{labels_csv} names no image in {root}")
+        return items, notes
+    files = find_images(root)
+    if not files:
+        raise UserError(f"no images (jpg, jpeg, png, gif, bmp, webp) in {root}")
+
+    def fits(label):
+        label = normalise_label(label, case)
+        return len(label) == length and (charset is None or set(label) <= set(charset))
+
+    items = [(path, label_from_name(path, pattern, fits, length)) for path in files]
+    unmatched = [p for p, label in items if label is None]
+    notes = []
+    if unmatched:
+        notes.append(f"{len(unmatched)} file names do not match data.label_pattern, skipped: "
+                     f"{', '.join(shown_path(p, root) for p in unmatched[:3])}")
+    items = [(p, normalise_label(label, case)) for p, label in items if label is not None]
+    if not items:
+        raise UserError(f"no file name in {root} matches data.label_pattern {pattern!r}")
+    return items, notes
+
+
+def label_problem(label, length, charset):
+    """Why a label cannot be scored or trained on, or None."""
+    if len(label) != length:
+        return f"length {len(label)}, not {length}"
+    unknown = sorted(set(label) - set(charset)) if charset is not None else []
+    if unknown:
+        return f"characters not in the charset: {''.join(unknown)!r}"
+    return None
+
+
+def split_by_label_problem(items, length, charset):
+    good, bad = [], []
+    for path, label in items:
+        problem = label_problem(label, length, charset)
+        (bad if problem else good).append((path, label, problem) if problem else (path, label))
+    return good, bad
+
+
+def shown_path(path, root):
+    return os.path.relpath(path, root) if root else str(path)
+
+
+def describe(bad, root, limit=3):
+    """The first few (path, label, problem) triples, for a one-line message."""
+    shown = "; ".join(f"{shown_path(p, root)} {label!r} ({why})" for p, label, why in bad[:limit])
+    return shown + ("; ..." if len(bad) > limit else "")
+
+
+def infer_charset(labels):
+    return "".join(sorted(set("".join(labels))))
+
+
+def encode(labels, charset):
+    index = {c: i for i, c in enumerate(charset)}
+    length = len(labels[0]) if labels else 0
+    return np.array([[index[c] for c in label] for label in labels], dtype=np.int32).reshape(len(labels), length)
+
+
+def decode(indices, charset):
+    return ["".join(charset[i] for i in row) for row in indices]
+
+
+# ---------------------------------------------------------------- pixels, cached
+
+def read_and_decode(job):
+    path, size = job
+    try:
+        content = read_bytes(path)
+        return decode_image(content, size), hashlib.sha1(content).hexdigest(), None
+    except ImageError as e:
+        return None, None, str(e)
+
+
+def decode_files(paths, size, out, desc):
+    """Decodes paths into `out`, in parallel; -> (digests, {index: reason})."""
+    jobs = [(str(p), tuple(size)) for p in paths]
+    digests, failures = [None] * len(paths), {}
+    use_pool = len(jobs) >= 2000 and (os.cpu_count() or 1) > 1 and "fork" in multiprocessing.get_all_start_methods()
+    pool = multiprocessing.get_context("fork").Pool() if use_pool else None
+    try:
+        results = pool.imap(read_and_decode, jobs, chunksize=256) if pool else map(read_and_decode, jobs)
+        for i, (pixels, digest, error) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img")):
+            if error:
+                failures[i] = error
+            else:
+                out[i], digests[i] = pixels, digest
+    finally:
+        if pool:
+            pool.terminate()
+    return digests, failures
+
+
+def cache_key(paths, size):
+    h = hashlib.sha1(f"{DECODE_VERSION}:{size[0]}x{size[1]}".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"\n{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def load_images(paths, size, cache_dir=None, desc="decoding"):
+    """Decodes every image once -> (uint8 array N x H x W x 3, sha1 digests, {index: reason}).
+
+    With cache_dir, the array is kept there keyed by the files and the size, so a
+    second run decodes nothing. It is read into memory when it fits comfortably,
+    and memory-mapped from disk otherwise.
+    """
+    shape = (len(paths), size[0], size[1], 3)
+    if cache_dir is None:
+        images = np.zeros(shape, np.uint8)
+        digests, failures = decode_files(paths, size, images, desc)
+        return images, digests, failures
+    cache_dir = Path(cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(paths, size)
+    array_path, index_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if not index_path.exists():
+        partial = cache_dir / f"{key}.{os.getpid()}.partial.npy"
+        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+        digests, failures = decode_files(paths, size, images, desc)
+        images.flush()
+        del images
+        os.replace(partial, array_path)
+        write_atomically(index_path, json.dumps({"digests": digests, "failures": failures}))
+    index = json.loads(index_path.read_text())
+    fits_in_memory = array_path.stat().st_size < 0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    images = np.load(array_path, mmap_mode=None if fits_in_memory else "r")
+    return images, index["digests"], {int(i): reason for i, reason in index["failures"].items()}
+
+
+def write_atomically(path, text):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def split_train_test(digests, test_fraction, seed):
+    """Deterministic split of image indices. Identical images (same digest) always land
+    on the same side, so a duplicate can never leak the test split into training."""
+    groups = {}
+    for i, digest in enumerate(digests):
+        groups.setdefault(digest, []).append(i)
+    order = sorted(groups, key=lambda d: hashlib.sha1(f"{seed}:{d}".encode()).hexdigest())
+    target = max(1, round(len(digests) * test_fraction))
+    test = []
+    for digest in order:
+        if len(test) >= target:
+            break
+        test.extend(groups[digest])
+    test_set = set(test)
+    train = [i for i in range(len(digests)) if i not in test_set]
+    return np.array(train, dtype=np.int64), np.array(sorted(test), dtype=np.int64)
+
+
+# ---------------------------------------------------------------- synthetic captchas
+
+def synthesize(out, count, length=4, charset=SYNTH_CHARSET, size=(64, 128), seed=0):
+    """Writes `count` captchas drawn by the captcha package as LABEL_NNNNNN.png; the same seed gives the same files."""
+    from unittest import mock
+
+    import captcha.image
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    # captcha.image draws all its randomness from the secrets module, which cannot be seeded.
+    seeded = SimpleNamespace(randbelow=rng.randrange, randbits=rng.getrandbits, choice=rng.choice)
+    generator = captcha.image.ImageCaptcha(width=size[1], height=size[0])
+    with mock.patch.object(captcha.image, "secrets", seeded):
+        for i in tqdm(range(count), desc=f"writing captchas to {out}", unit="img"):
+            label = "".join(rng.choice(charset) for _ in range(length))
+            generator.generate_image(label).save(out / f"{label}_{i:06d}.png")
+
+
+def parse_size(text):
+    match = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, like 64x128, got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    synth = commands.add_parser("synth", help="write synthetic captchas, labelled in their file names")
+    synth.add_argument("--out", required=True, help="folder to write into")
+    synth.add_argument("--count", type=int, required=True)
+    synth.add_argument("--length", type=int, default=4)
+    synth.add_argument("--charset", default=SYNTH_CHARSET)
+    synth.add_argument("--size", type=parse_size, default=(64, 128), help="HEIGHTxWIDTH, default 64x128")
+    synth.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    synthesize(args.out, args.count, args.length, args.charset, args.size, args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

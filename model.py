@@ -1,0 +1,177 @@
+"""The captcha model: a keras.applications backbone and one softmax head per character.
+
+The model takes raw uint8 pixels: its first layer scales them the way the backbone
+expects, so nothing outside it can get the preprocessing wrong. The charset, length,
+input size and preprocessing travel inside the saved .keras file (entry captcha.json).
+"""
+import json
+import os
+import re
+import sys
+import zipfile
+from pathlib import Path
+
+from config import UserError, quiet_backend_startup
+
+quiet_backend_startup()
+import keras  # noqa: E402
+from keras import layers  # noqa: E402
+
+MODEL_FILE = "model.keras"
+METADATA_ENTRY = "captcha.json"
+# How each backbone family expects its pixels: (scale, offset) applied to 0..255, per channel.
+# Backbones that contain their own preprocessing take the raw range.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESSING = {
+    "minus_one_to_one": ((1 / 127.5,) * 3, (-1.0,) * 3),
+    "raw": ((1.0,) * 3, (0.0,) * 3),
+    "torch": (tuple(1 / (255 * s) for s in IMAGENET_STD), tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))),
+    "caffe": ((1.0,) * 3, (-123.68, -116.779, -103.939)),
+}
+FAMILIES = [  # first matching prefix wins; everything else (Xception, Inception, MobileNet, ResNetV2) is minus_one_to_one
+    (r"EfficientNet|ConvNeXt|MobileNetV3|RegNet", "raw"),
+    (r"DenseNet", "torch"),
+    (r"(ResNet\d+|VGG\d+)$", "caffe"),
+]
+
+
+def preprocessing_for(backbone):
+    return next((name for pattern, name in FAMILIES if re.match(pattern, backbone)), "minus_one_to_one")
+
+
+def build_model(image_size, length, num_classes, backbone="Xception", weights="imagenet", dropout=0.5,
+                weights_strict=False, augment_shift=0.0):
+    """-> (model, initialisation actually used: 'imagenet', 'random' or the weights file's path).
+
+    augment_shift > 0 adds random shifts of the image, active in training only."""
+    height, width = image_size
+    pixels = keras.Input((height, width, 3), dtype="uint8", name="pixels")
+    x = pixels
+    if augment_shift:
+        x = layers.RandomTranslation(augment_shift, augment_shift, fill_mode="nearest", dtype="float32",
+                                     name="augment")(x)
+    scale, offset = PREPROCESSING[preprocessing_for(backbone)]
+    # float32 whatever the policy: pixel values need more than bfloat16's 8 bits of precision.
+    scaled = layers.Rescaling(list(scale), list(offset), dtype="float32", name="normalise")(x)
+    features, initialisation = build_backbone(backbone, weights, scaled, weights_strict)
+    x = layers.Dropout(dropout, name="dropout")(features)
+    outputs = [layers.Dense(num_classes, activation="softmax", dtype="float32", name=f"char_{i}")(x)
+               for i in range(1, length + 1)]
+    return keras.Model(pixels, outputs, name=f"captcha_{backbone.lower()}"), initialisation
+
+
+def build_backbone(backbone, weights, inputs, weights_strict):
+    """Passing the input as a tensor skips keras.applications' minimum-size check (71 for
+    Xception): the network only needs each side to survive its 32x downsampling."""
+    application = getattr(keras.applications, backbone)
+    source = None if weights == "none" else weights
+    if source not in (None, "imagenet") and not Path(source).is_file():
+        raise UserError(f"model.weights: no weights file at {source}")
+    try:
+        network = application(include_top=False, weights=source, input_tensor=inputs, pooling="avg")
+    except (ValueError, OSError) as e:
+        reason = str(e).splitlines()[0]
+        if source not in (None, "imagenet"):
+            raise UserError(f"model.weights: {source} does not fit {backbone}: {reason}") from None
+        raise UserError(f"model.backbone {backbone} cannot be built for input {tuple(inputs.shape[1:3])}: "
+                        f"{reason}") from None
+    except Exception as e:  # keras.utils.get_file raises a bare Exception when a download fails
+        if "URL fetch failure" not in str(e):
+            raise
+        url = re.search(r"URL fetch failure on (\S+): ", str(e))
+        message = (f"could not download the ImageNet weights of {backbone} ({str(e).split(' -- ')[-1]}). "
+                   f"To use them offline, fetch {url.group(1) if url else 'the weights file'} on a machine with "
+                   f"network and put it in ~/.keras/models/, or set model.weights to its path")
+        if weights_strict:
+            raise UserError(f"model.weights=imagenet: {message}") from None
+        print(f"WARNING: {message}. Training from random initialisation instead "
+              f"(set model.weights_strict=true to stop here).", file=sys.stderr)
+        network = application(include_top=False, weights=None, input_tensor=inputs, pooling="avg")
+        return network.output, "random"
+    for layer in network.layers:
+        layer.trainable = True
+    return network.output, source and (source if source == "imagenet" else str(Path(source).resolve())) or "random"
+
+
+# ---------------------------------------------------------------- precision
+
+def resolve_precision(precision="auto"):
+    """`auto`: float16 on a GPU, bfloat16 on a CPU that computes it natively, else float32."""
+    if precision != "auto":
+        return precision
+    if has_gpu():
+        return "mixed_float16"
+    return "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
+
+
+def has_gpu():
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.cuda.is_available()
+    return any(device.startswith("gpu") for device in keras.distribution.list_devices())
+
+
+def cpu_has_native_bfloat16():
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = set(re.findall(r"\S+", " ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", cpuinfo, re.M))))
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def with_precision(model, policy):
+    """A copy of model computing in `policy`. The input scaling and the softmax heads stay float32."""
+    def clone(layer):
+        config = layer.get_config()
+        if "dtype" in config and layer.name not in ("augment", "normalise") and not layer.name.startswith("char_"):
+            config["dtype"] = policy
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return keras.Model(copy.inputs, copy.outputs, name=model.name)  # clone_model also copies the optimizer
+
+
+# ---------------------------------------------------------------- saving and loading
+
+def save_model(model, path, metadata):
+    """Saves model and metadata as one .keras file, through a temporary file and a rename,
+    so that a crash mid-write never replaces a good model with a partial one."""
+    path = Path(path)
+    partial = path.with_name(f".{path.stem}.partial.keras")
+    model.save(partial)
+    with zipfile.ZipFile(partial, "a") as archive:
+        archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2))
+    os.replace(partial, path)
+
+
+def model_path(path):
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def read_metadata(path):
+    path = model_path(path)
+    if not path.exists():
+        raise UserError(f"no model at {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read(METADATA_ENTRY))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+        raise UserError(f"{path} is not a model made by train.py (a .keras file carrying {METADATA_ENTRY})") from None
+
+
+def load_model(path):
+    """-> (float32 Keras model, metadata). Loads in Keras's safe mode: no code from the file runs."""
+    metadata = read_metadata(path)
+    path = model_path(path)
+    if path.suffix != ".keras":
+        raise UserError(f"{path} is not a .keras file")
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except (ValueError, TypeError, OSError) as e:
+        raise UserError(f"{path} could not be loaded by Keras {keras.__version__}: {str(e).splitlines()[0]}") from None
+    return model, metadata

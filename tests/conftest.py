@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny synthetic data and one tiny trained run, made once per session.
+
+Everything is small (32x64 inputs, a few hundred images, weights=none), so the suite needs
+no network and runs in minutes on two CPU cores.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+
+TINY = ["data.image_size=[32,64]", "model.weights=none", "train.batch_size=16", "train.precision=float32"]
+
+
+def overrides(*extra, cache_dir):
+    return [*TINY, f"data.cache_dir={cache_dir}", *extra]
+
+
+def run_script(script, *args, env=None, cwd=None, timeout=300):
+    """Runs one of the project's scripts as a user would; -> CompletedProcess with text output."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def assert_one_line_error(result, *fragments):
+    """A user's mistake: non-zero exit, no traceback, and a message naming what was wrong."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """120 four-digit captchas, labelled in their file names."""
+    folder = tmp_path_factory.mktemp("digits")
+    data.synthesize(folder, 120, length=4, charset="0123456789", size=(32, 64), seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, cache_dir):
+    """The shipped config's embedded default: a synthetic set generated on first use (made
+    small here), trained for two epochs, from a fresh working directory."""
+    import config
+    import train
+
+    work = tmp_path_factory.mktemp("work")
+    cwd, count = os.getcwd(), data.SYNTH_COUNT
+    os.chdir(work)
+    data.SYNTH_COUNT = 200
+    try:
+        cfg = config.load_config(None, overrides("train.epochs=2", "data.charset=0123456789", cache_dir=cache_dir))
+        run_dir = train.train(cfg, work / "run")
+    finally:
+        os.chdir(cwd)
+        data.SYNTH_COUNT = count
+    return run_dir

@@ -1,0 +1,196 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import data
+from config import UserError
+
+SIZE = (32, 64)
+
+
+def png_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bomb_png():
+    """A valid PNG header declaring 100000 x 100000 pixels."""
+    content = bytearray(png_bytes(Image.new("L", (1, 1))))
+    ihdr = bytearray(content[16:29])
+    ihdr[0:8] = struct.pack(">II", 100_000, 100_000)
+    content[16:29] = ihdr
+    content[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(ihdr)))
+    return bytes(content)
+
+
+def test_bad_files_give_a_short_reason(tmp_path):
+    jpeg = io.BytesIO()
+    Image.new("RGB", (120, 50), "red").save(jpeg, format="JPEG")
+    cases = {
+        "zero.png": (b"", "empty file"),
+        "truncated.jpg": (jpeg.getvalue()[: len(jpeg.getvalue()) // 2], "corrupt image"),
+        "page.png": (b"<html><body>503 Service Unavailable</body></html>", "not an image"),
+        "bomb.png": (bomb_png(), "too large"),
+    }
+    for name, (content, reason) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(data.ImageError, match=reason):
+            data.decode_image(tmp_path / name, SIZE)
+    with pytest.raises(data.ImageError, match="unreadable: No such file"):
+        data.decode_image(tmp_path / "absent.png", SIZE)
+
+
+def test_every_image_mode_decodes_to_rgb_of_the_input_size(tmp_path):
+    white, black = 255, 0
+    frames = [Image.new("P", (60, 20), 1), Image.new("P", (60, 20), 2)]
+    for frame in frames:
+        frame.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+    gif = tmp_path / "anim.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    palette = Image.new("P", (60, 20), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    sixteen = Image.fromarray(np.full((20, 60), 65535, np.uint16))
+    cases = {
+        "anim.gif": (gif.read_bytes(), (255, 0, 0)),  # first frame: red, not the blue second one
+        "sixteen.png": (png_bytes(sixteen), (white,) * 3),  # full 16-bit range is white, not clipped noise
+        "palette.png": (png_bytes(palette), (white,) * 3),  # transparent pixels composited on white
+        "onebit.png": (png_bytes(Image.new("1", (60, 20), 0)), (black,) * 3),
+        "rgba.png": (png_bytes(Image.new("RGBA", (60, 20), (0, 0, 0, 0))), (white,) * 3),
+    }
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (60, 20), (0, 0, 0, 0)).save(cmyk, format="JPEG")
+    cases["cmyk.jpg"] = (cmyk.getvalue(), (white,) * 3)
+    for name, (content, colour) in cases.items():
+        pixels = data.decode_image(content, SIZE)
+        assert pixels.shape == (*SIZE, 3) and pixels.dtype == np.uint8, name
+        assert np.abs(pixels.astype(int) - colour).max() <= 3, (name, pixels[0, 0])
+
+
+def test_one_decode_gives_the_same_pixels_on_every_path(digits, tmp_path):
+    from predict import decode_chunk
+
+    paths = data.find_images(digits)[:5]
+    expected = np.stack([data.decode_image(p, SIZE) for p in paths])
+    from_bytes = np.stack([data.decode_image(p.read_bytes(), SIZE) for p in paths])
+    from_pil = np.stack([data.decode_image(Image.open(p), SIZE) for p in paths])
+    from_array = np.stack([data.decode_image(np.asarray(Image.open(p).convert("RGB")), SIZE) for p in paths])
+    uncached, _, _ = data.load_images(paths, SIZE)  # training and evaluation
+    data.load_images(paths, SIZE, tmp_path)
+    cached, _, _ = data.load_images(paths, SIZE, tmp_path)
+    predicted, errors = decode_chunk([str(p) for p in paths], SIZE)  # prediction
+    assert not errors
+    for other in (from_bytes, from_pil, from_array, uncached, cached, predicted):
+        np.testing.assert_array_equal(other, expected)
+
+
+def test_cache_means_a_second_run_decodes_nothing(digits, tmp_path, monkeypatch):
+    paths = data.find_images(digits)[:10]
+    first, digests, failures = data.load_images(paths, SIZE, tmp_path)
+    monkeypatch.setattr(data, "read_and_decode", lambda job: pytest.fail("decoded again"))
+    second, digests_again, _ = data.load_images(paths, SIZE, tmp_path)
+    np.testing.assert_array_equal(first, second)
+    assert digests == digests_again and not failures
+    with pytest.raises(pytest.fail.Exception):  # another size is another key: it decodes again
+        data.load_images(paths, (40, 64), tmp_path)
+
+
+def test_split_is_deterministic_disjoint_and_keeps_duplicates_together():
+    digests = [f"d{i % 90}" for i in range(100)]  # ten images appear twice
+    train, test = data.split_train_test(digests, 0.2, seed=3)
+    again_train, again_test = data.split_train_test(digests, 0.2, seed=3)
+    np.testing.assert_array_equal(train, again_train)
+    np.testing.assert_array_equal(test, again_test)
+    assert not set(train) & set(test) and len(train) + len(test) == 100
+    assert 20 <= len(test) <= 21
+    assert not {digests[i] for i in train} & {digests[i] for i in test}
+    assert set(data.split_train_test(digests, 0.2, seed=4)[1]) != set(test)
+
+
+def test_labels_from_file_names(tmp_path):
+    def fits(label):
+        return len(label) == 4 and set(label) <= set("0123456789")
+
+    assert data.label_from_name("a/1234.png", None, fits, 4) == "1234"
+    assert data.label_from_name("1234_17.png", None, fits, 4) == "1234"
+    assert data.label_from_name("captcha_5678.jpg", None, fits, 4) == "5678"
+    assert data.label_from_name("验证码_5678.jpg", None, fits, 4) == "5678"
+    assert data.label_from_name("img-0042-x7Kq.png", r"img-\d+-(?P<label>\w+)", fits, 4) == "x7Kq"
+    assert data.label_from_name("other.png", r"img-(\w+)", fits, 4) is None
+    assert data.label_from_name("abcd_1.png", None, fits, 4) == "abcd"  # right length, wrong charset: named in errors
+
+
+def test_label_csv_quirks_are_tolerated_and_reported(tmp_path):
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        (tmp_path / name).write_bytes(b"x")
+    rows = ["filename,label,source", "a.png, 1234 ,scraper", "", "b.png,5678", "b.png,5678", "c.png,1111",
+            "c.png,2222", "missing.png,0000", "d.png,9999"]
+    (tmp_path / "labels.csv").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode() + b"\r\n")
+    labels, notes = data.read_labels_csv(tmp_path / "labels.csv", tmp_path)
+    assert {k: v.strip() for k, v in labels.items()} == {"a.png": "1234", "b.png": "5678", "d.png": "9999"}
+    assert any("missing files" in n for n in notes)
+    assert any("repeated" in n for n in notes)
+    assert any("different labels" in n and "c.png" in n for n in notes)
+
+
+def test_case_policy_and_spaces():
+    assert data.normalise_label(" aB3 ", "sensitive") == "aB3"
+    assert data.normalise_label(" aB3 ", "lower") == "ab3"
+    assert data.normalise_label(" aB3 ", "upper") == "AB3"
+
+
+def test_labels_that_do_not_fit_are_named():
+    items = [("x/1.png", "123"), ("x/2.png", "12a4"), ("x/3.png", "1234")]
+    good, bad = data.split_by_label_problem(items, 4, "0123456789")
+    assert good == [("x/3.png", "1234")]
+    assert [why for _, _, why in bad] == ["length 3, not 4", "characters not in the charset: 'a'"]
+    assert "x/1.png '123' (length 3, not 4)" in data.describe(bad, None)
+
+
+def test_missing_folder_is_an_error_naming_it(tmp_path):
+    with pytest.raises(UserError, match="data folder not found: .*nowhere"):
+        data.labelled_files(tmp_path / "nowhere", None, None, "sensitive", 4, None)
+    with pytest.raises(UserError, match="no images"):
+        data.labelled_files(tmp_path, None, None, "sensitive", 4, None)
+
+
+def test_synthesis_is_reproducible(tmp_path):
+    data.synthesize(tmp_path / "a", 3, size=(32, 64), seed=7)
+    data.synthesize(tmp_path / "b", 3, size=(32, 64), seed=7)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) == 3
+    assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
+
+
+charsets = st.lists(st.characters(exclude_categories=("C", "Z"), exclude_characters="/\\_."), min_size=1,
+                    max_size=40, unique=True).map("".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(charsets, st.data())
+def test_encoding_round_trips(charset, draw):
+    labels = draw.draw(st.lists(st.text(st.sampled_from(charset), min_size=3, max_size=3), min_size=1, max_size=20))
+    np.testing.assert_array_equal(data.encode(labels, charset).shape, (len(labels), 3))
+    assert data.decode(data.encode(labels, charset), charset) == labels
+
+
+@settings(max_examples=200, deadline=None)
+@given(charsets, st.data())
+def test_file_name_labels_parse_back(charset, draw):
+    label = draw.draw(st.text(st.sampled_from(charset), min_size=4, max_size=4))
+    tag = draw.draw(st.text(st.sampled_from("abcxyz0123"), min_size=1, max_size=6))
+
+    def fits(candidate):
+        return len(candidate) == 4 and set(candidate) <= set(charset)
+
+    for name in (f"{label}.png", f"{label}_{tag}.png"):
+        assert data.label_from_name(name, None, fits, 4) == label
+    if not fits(tag) or tag == label:
+        assert data.label_from_name(f"{tag}_{label}.png", None, fits, 4) == label

@@ -1,0 +1,173 @@
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+import evaluate
+import predict
+from config import UserError
+from conftest import assert_one_line_error, run_script
+
+
+@pytest.fixture(scope="module")
+def recognizer(trained_run):
+    return predict.Recognizer.load(trained_run)
+
+
+@pytest.fixture(scope="module")
+def known_folder(tmp_path_factory, recognizer, digits):
+    """Ten captchas named INDEX_LABEL.png, where the label is the model's own reading for six,
+    differs from it in position 1 only for two, and in every position for two. So the whole-string
+    accuracy is exactly 6/10, position 1's is 6/10 and the others' 8/10, whatever the model learnt."""
+    folder = tmp_path_factory.mktemp("known")
+    sources = data.find_images(digits)[:10]
+    staged = [folder / f"{i:02d}_0000.png" for i in range(10)]
+    for source, target in zip(sources, staged):
+        shutil.copy(source, target)
+    readings = recognizer.predict(staged)  # same files, same order, same batch as evaluate.py will read them
+
+    def shift(text, positions):
+        return "".join(str((int(c) + 1) % 10) if i in positions else c for i, c in enumerate(text))
+
+    for i, (path, reading) in enumerate(zip(staged, readings)):
+        label = reading.text if i < 6 else shift(reading.text, {0} if i < 8 else {0, 1, 2, 3})
+        path.rename(folder / f"{i:02d}_{label}.png")
+    return folder
+
+
+def test_scores_are_exact_on_a_hand_made_case():
+    truth = np.array([[1, 2, 3], [1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    predicted = np.array([[1, 2, 3], [1, 2, 0], [4, 0, 0], [7, 8, 9]])
+    confidence = np.array([0.99, 0.2, 0.5, 0.9])
+    report = evaluate.score(truth, predicted, confidence, "0123456789")
+    assert report["whole_string_accuracy"] == 0.5 and report["correct"] == 2
+    assert report["per_position_accuracy"] == [1.0, 0.75, 0.5]
+    assert report["per_character_accuracy"]["3"] == {"accuracy": 0.5, "count": 2}
+    assert report["confusions"][0] == {"true": "6", "predicted": "0", "count": 1} or {
+        "true": "3", "predicted": "0", "count": 1} in report["confusions"]
+    assert sum(c["count"] for c in report["confusions"]) == 3
+    coverage = {c["coverage"]: c["whole_string_accuracy"] for c in report["coverage"]}
+    assert coverage[1.0] == 0.5 and coverage[0.8] == pytest.approx(2 / 3)  # top 3: 0.99, 0.9 right, 0.5 wrong
+
+
+def test_evaluate_folder_matches_the_known_figures_and_predict(known_folder, trained_run, tmp_path):
+    result = run_script("evaluate.py", "--model", trained_run, "--data", known_folder, "--json",
+                        "--errors", tmp_path / "errors.csv")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["count"] == 10 and report["skipped"] == 0
+    assert report["whole_string_accuracy"] == 0.6
+    assert report["per_position_accuracy"] == [0.6, 0.8, 0.8, 0.8]
+    with open(tmp_path / "errors.csv") as f:
+        errors = {row["path"]: row for row in csv.DictReader(f)}
+    assert len(errors) == 4
+    confidences = [float(row["confidence"]) for row in errors.values()]
+    assert confidences == sorted(confidences, reverse=True)
+
+    result = run_script("predict.py", "--model", trained_run, known_folder, "--output", tmp_path / "read.csv")
+    assert result.returncode == 0, result.stderr
+    with open(tmp_path / "read.csv") as f:
+        read = {row["path"].split("/")[-1]: row["prediction"] for row in csv.DictReader(f)}
+    assert len(read) == 10
+    for name, prediction in read.items():
+        label = name[3:7]
+        assert prediction == (errors[name]["prediction"] if name in errors else label)
+
+
+def test_evaluate_held_out_split_reports_every_figure(trained_run):
+    result = run_script("evaluate.py", "--model", trained_run, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    held_out, _ = data.read_labels_csv(trained_run / "test_split.csv", trained_run.parent / "data" / "synthetic")
+    assert report["count"] == len(held_out) and report["skipped"] == 0
+    assert 0 <= report["whole_string_accuracy"] <= 1
+    assert len(report["per_position_accuracy"]) == 4 and all(0 <= a <= 1 for a in report["per_position_accuracy"])
+    assert [c["coverage"] for c in report["coverage"]] == [1.0, 0.95, 0.9, 0.8]
+    for key in ("per_character_accuracy", "confusions", "suspected_label_errors", "skipped_reasons"):
+        assert key in report
+    text = run_script("evaluate.py", "--model", trained_run)
+    assert "whole-string accuracy" in text.stdout and "confidence coverage" in text.stdout
+
+
+def test_unscorable_labels_are_counted_not_scored(recognizer, known_folder, tmp_path):
+    folder = tmp_path / "odd"
+    shutil.copytree(known_folder, folder)
+    first = sorted(folder.iterdir())[0]
+    shutil.copy(first, folder / "12345_a.png")  # wrong length
+    shutil.copy(first, folder / "12ab_b.png")  # letters the model does not know
+    (folder / "77777_c.png").write_bytes(b"")
+    (folder / "1234_d.png").write_bytes(b"")  # a good label on a file that cannot be read
+    items, _ = data.labelled_files(folder, None, None, "sensitive", 4, "0123456789")
+    report, rows = evaluate.evaluate(recognizer, items, folder)
+    assert report["count"] == 10 and report["whole_string_accuracy"] == 0.6
+    assert report["skipped"] == 4 and report["skipped_reasons"] == {"unscorable label": 3, "unreadable": 1}
+    skipped = {row["path"]: row["reason"] for row in rows if row.get("reason")}
+    assert set(skipped) == {"12345_a.png", "12ab_b.png", "77777_c.png", "1234_d.png"}
+    assert skipped["1234_d.png"] == "unreadable: empty file"
+
+
+def test_evaluate_refuses_data_the_model_cannot_read(recognizer, tmp_path, digits):
+    (tmp_path / "abcd_1.png").write_bytes(data.find_images(digits)[0].read_bytes())
+    items, _ = data.labelled_files(tmp_path, None, None, "sensitive", 4, "0123456789")
+    with pytest.raises(UserError, match="none of the 1 labels fit the model"):
+        evaluate.evaluate(recognizer, items, tmp_path)
+
+
+def test_recognizer_reads_paths_bytes_pil_images_and_arrays(recognizer, digits):
+    path = data.find_images(digits)[0]
+    image = Image.open(path)
+    inputs = [path, str(path), path.read_bytes(), image, np.asarray(image.convert("RGB"))]
+    readings = recognizer.predict(inputs)
+    assert len({(r.text, round(r.confidence, 5)) for r in readings}) == 1
+    reading = readings[0]
+    assert len(reading.text) == 4 and set(reading.text) <= set("0123456789")
+    assert 0 < reading.confidence <= 1 and len(reading.position_confidences) == 4
+    assert reading.confidence == pytest.approx(np.prod(reading.position_confidences))
+
+
+def test_predict_reads_every_good_file_and_reports_bad_ones(trained_run, known_folder, tmp_path):
+    folder = tmp_path / "mixed"
+    shutil.copytree(known_folder, folder)
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "notes.png").write_text("this is not an image")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 32), "white").save(jpeg, format="JPEG")
+    (folder / "cut.jpg").write_bytes(jpeg.getvalue()[:200])
+    result = run_script("predict.py", "--model", trained_run, folder, "--output", tmp_path / "out.jsonl")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert sorted(row["path"].split("/")[-1] for row in rows) == sorted(p.name for p in known_folder.iterdir())
+    assert all(len(row["position_confidences"]) == 4 for row in rows)
+    assert "zero.png: empty file" in result.stderr and "notes.png: not an image" in result.stderr
+    assert "cut.jpg: corrupt image" in result.stderr
+
+
+def test_predict_writes_csv_to_stdout_and_accepts_globs(trained_run, known_folder):
+    result = run_script("predict.py", "--model", trained_run, f"{known_folder}/0[0-2]_*.png")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "path,prediction,confidence" and len(lines) == 4
+
+
+def test_existing_output_is_not_overwritten(trained_run, known_folder, tmp_path):
+    out = tmp_path / "out.csv"
+    out.write_text("precious")
+    with pytest.raises(UserError, match="exists; pass --overwrite"):
+        predict.main(["--model", str(trained_run), str(known_folder), "--output", str(out)])
+    assert out.read_text() == "precious"
+    assert predict.main(["--model", str(trained_run), str(known_folder), "--output", str(out), "--overwrite"]) == 0
+    assert out.read_text().startswith("path,prediction,confidence")
+
+
+def test_a_file_that_is_not_a_model_is_one_clear_line(tmp_path, known_folder):
+    fake = tmp_path / "model.keras"
+    fake.write_text("not a model")
+    for script in ("predict.py", "evaluate.py"):
+        args = [known_folder] if script == "predict.py" else []
+        assert_one_line_error(run_script(script, "--model", fake, *args), "is not a model made by train.py")

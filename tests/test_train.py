@@ -1,0 +1,157 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+import config
+import data
+import model
+import train
+from conftest import ROOT, assert_one_line_error, overrides, run_script
+
+
+def test_a_run_leaves_a_reloadable_model_with_its_metadata(trained_run, digits):
+    for name in ("model.keras", "metadata.json", "config.yaml", "test_split.csv", "history.csv"):
+        assert (trained_run / name).exists(), name
+    assert (trained_run / "tensorboard").is_dir()
+    assert not (trained_run / "backup").exists()
+    keras_model, metadata = model.load_model(trained_run)
+    assert metadata == json.loads((trained_run / "metadata.json").read_text())
+    assert metadata["charset"] == "0123456789" and metadata["length"] == 4 and metadata["image_size"] == [32, 64]
+    assert metadata["initialisation"] == "random" and 1 <= metadata["epoch"] <= 2
+    assert [layer.name for layer in keras_model.layers[-4:]] == ["char_1", "char_2", "char_3", "char_4"]
+    assert keras_model.inputs[0].dtype == "uint8"  # the model takes raw pixels: its scaling is inside
+    pixels = np.stack([data.decode_image(p, (32, 64)) for p in data.find_images(digits)[:3]])
+    outputs = keras_model.predict(pixels, verbose=0)
+    assert len(outputs) == 4 and all(np.allclose(o.sum(axis=1), 1, atol=1e-4) for o in outputs)
+    with open(trained_run / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and "val_whole_string_accuracy" in rows[0] and "char_1_accuracy" in rows[0]
+
+
+def test_held_out_split_never_overlaps_training(trained_run):
+    held_out, _ = data.read_labels_csv(trained_run / "test_split.csv", trained_run.parent / "data" / "synthetic")
+    everything = {p.name for p in data.find_images(trained_run.parent / "data" / "synthetic")}
+    assert 0 < len(held_out) < len(everything)
+    assert set(held_out) <= everything  # and training used everything else, which therefore excludes these
+    dataset = train.prepare_data(yaml.safe_load((trained_run / "config.yaml").read_text()))
+    train_names = {dataset["items"][i][0].name for i in dataset["train"]}
+    assert not train_names & set(held_out) and train_names | set(held_out) == everything
+
+
+def test_a_finished_run_is_never_overwritten(trained_run):
+    cfg = config.load_config(None, ["model.weights=none"])
+    with pytest.raises(config.UserError, match="holds a finished run"):
+        train.choose_run_dir(train.resolved(cfg), trained_run)
+
+
+def test_bad_labels_stop_training_naming_the_files(tmp_path, digits, cache_dir):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for path in data.find_images(digits)[:10]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "12345_x.png").write_bytes(path.read_bytes())
+    result = run_script("train.py", "--set", f"data.dir={folder}", *[f"--set={o}" for o in overrides(
+        "data.charset=0123456789", cache_dir=cache_dir)], "--run-dir", tmp_path / "run")
+    assert_one_line_error(result, "1 of 11 labels", "12345_x.png", "length 7, not 4")
+    assert not (tmp_path / "run").exists()
+
+
+def test_wrong_case_labels_point_to_the_case_policy(tmp_path, digits, cache_dir):
+    folder = tmp_path / "letters"
+    folder.mkdir()
+    source = data.find_images(digits)[0].read_bytes()
+    for name in ("abcd_1.png", "ABCD_2.png", "xyzw_3.png"):
+        (folder / name).write_bytes(source)
+    cfg = config.load_config(None, overrides("data.charset=ABCDWXYZ", f"data.dir={folder}", cache_dir=cache_dir))
+    with pytest.raises(config.UserError, match="data.case=lower or upper"):
+        train.prepare_data(train.resolved(cfg))
+    cfg["data"]["case"] = "upper"
+    dataset = train.prepare_data(train.resolved(cfg))
+    assert sorted(label for _, label in dataset["items"]) == ["ABCD", "ABCD", "XYZW"]
+
+
+def test_missing_data_folder_is_one_clear_line(tmp_path):
+    result = run_script("train.py", "--set", f"data.dir={tmp_path / 'nowhere'}", "--set", "model.weights=none")
+    assert_one_line_error(result, "data folder not found", "nowhere")
+
+
+def test_local_weights_file_is_loaded(tmp_path):
+    """Both the legacy .h5 format of Keras's ImageNet files and Keras 3's .weights.h5."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving import legacy_h5_format
+
+    keras.mixed_precision.set_global_policy("float32")
+    donor = keras.applications.Xception(include_top=False, weights=None, input_shape=(71, 71, 3), pooling="avg")
+    legacy, current = tmp_path / "xception_notop.h5", tmp_path / "xception_notop.weights.h5"
+    with h5py.File(legacy, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, donor)
+    donor.save_weights(current)
+    for path in (legacy, current):
+        built, initialisation = model.build_model((32, 64), 4, 10, weights=str(path))
+        assert initialisation == str(path)
+        backbone = built.weights[:len(donor.weights)]  # the input scaling has none; the heads come last
+        assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(backbone, donor.weights))
+    with pytest.raises(config.UserError, match="no weights file"):
+        model.build_model((32, 64), 4, 10, weights=str(tmp_path / "absent.h5"))
+
+
+def test_imagenet_download_failure_falls_back_or_stops(monkeypatch, capsys):
+    from keras.src.utils import file_utils
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://example.invalid/xception_notop.h5: None -- "
+                        "[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    _, initialisation = model.build_model((32, 64), 4, 10, weights="imagenet")
+    assert initialisation == "random"
+    warning = capsys.readouterr().err
+    assert "could not download the ImageNet weights" in warning and "~/.keras/models" in warning
+    assert "https://example.invalid/xception_notop.h5" in warning
+    with pytest.raises(config.UserError, match="model.weights=imagenet: could not download"):
+        model.build_model((32, 64), 4, 10, weights="imagenet", weights_strict=True)
+
+
+def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path, digits, cache_dir):
+    """Killed during epoch 2 of 4, the rerun picks up after epoch 1 and finishes with 4 epochs."""
+    command = [sys.executable, str(ROOT / "train.py"), "--run-dir", str(tmp_path / "run"),
+               *[arg for o in overrides("train.epochs=4", "train.patience=10", f"data.dir={digits}",
+                                        "train.batch_size=8", cache_dir=cache_dir) for arg in ("--set", o)]]
+    history, backup = tmp_path / "run" / "history.csv", tmp_path / "run" / "backup" / "training_metadata.json"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (backup.exists() and '"epoch": 1' in backup.read_text()):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert len(history.read_text().splitlines()) == 2, "the kill must land during epoch 2"
+    assert not (tmp_path / "run" / "model.keras").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout
+    with open(history) as f:
+        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+    assert epochs == [0, 1, 2, 3]
+    assert (tmp_path / "run" / "model.keras").exists()
+
+
+def test_same_steps_run_under_the_jax_backend(tmp_path, digits, cache_dir):
+    pytest.importorskip("jax")
+    result = run_script("train.py", "--run-dir", tmp_path / "run",
+                        *[arg for o in overrides("train.epochs=1", f"data.dir={digits}", cache_dir=cache_dir)
+                          for arg in ("--set", o)], env={"KERAS_BACKEND": "jax"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    metadata = json.loads((tmp_path / "run" / "metadata.json").read_text())
+    assert metadata["backend"] == "jax"
+    keras_model, _ = model.load_model(tmp_path / "run")  # a JAX-trained model loads under TensorFlow
+    assert len(keras_model.outputs) == 4

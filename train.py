@@ -1,0 +1,304 @@
+"""Train a captcha recogniser on a folder of labelled images.
+
+    python train.py [--config config.yaml] [--set section.key=value ...] [--run-dir DIR]
+
+Killed or interrupted, the same command resumes from the last completed epoch.
+"""
+import argparse
+import datetime
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from config import DEFAULTS_PATH, UserError, load_config, quiet_backend_startup, read_yaml, run
+
+quiet_backend_startup()
+import keras  # noqa: E402
+
+import data  # noqa: E402
+from model import MODEL_FILE, build_model, preprocessing_for, resolve_precision, save_model, with_precision  # noqa: E402
+
+MONITOR = "val_whole_string_accuracy"
+
+
+class Batches(keras.utils.PyDataset):
+    """Batches gathered from the decoded uint8 array, with one-hot targets per head when given."""
+
+    def __init__(self, images, indices, targets=None, num_classes=0, batch_size=32, shuffle=False, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.images, self.indices, self.targets = images, np.asarray(indices), targets
+        self.num_classes, self.batch_size = num_classes, batch_size
+        self.rng = np.random.default_rng(seed) if shuffle else None
+        self.order = self.rng.permutation(self.indices) if shuffle else self.indices
+
+    def __len__(self):
+        return math.ceil(len(self.indices) / self.batch_size)
+
+    def __getitem__(self, i):
+        # Sorted, so that a memory-mapped array is read in file order.
+        batch = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
+        x = self.images[batch]
+        if self.targets is None:
+            return x
+        one_hot = np.eye(self.num_classes, dtype=np.float32)[self.targets[batch]]
+        return x, tuple(one_hot[:, position] for position in range(one_hot.shape[1]))
+
+    def on_epoch_end(self):
+        if self.rng is not None:
+            self.order = self.rng.permutation(self.indices)
+
+
+class HeldOutAccuracy(keras.callbacks.Callback):
+    """After every epoch, scores the whole held-out split: whole-string and per-position accuracy."""
+
+    def __init__(self, images, indices, targets, batch_size):
+        super().__init__()
+        self.batches = Batches(images, indices, batch_size=batch_size)
+        self.truth = targets[np.sort(indices)]
+
+    def on_epoch_end(self, epoch, logs=None):
+        probabilities = self.model.predict(self.batches, verbose=0)
+        predicted = np.stack([p.argmax(axis=-1) for p in probabilities], axis=1)
+        logs[MONITOR] = float(np.mean(np.all(predicted == self.truth, axis=1)))
+        for position, accuracy in enumerate(np.mean(predicted == self.truth, axis=0), 1):
+            logs[f"val_char_{position}_accuracy"] = float(accuracy)
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose best score, patience count and best weights survive a restart:
+    they are written to state_dir after every epoch and read back when training resumes."""
+
+    def __init__(self, state_dir, **kwargs):
+        super().__init__(**kwargs)
+        self.state_path = Path(state_dir) / "early_stopping.json"
+        self.weights_path = Path(state_dir) / "best.weights.npz"
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self.state_path.exists():
+            state = json.loads(self.state_path.read_text())
+            self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+            with np.load(self.weights_path) as saved:
+                self.best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.best_epoch == epoch and self.best_weights is not None:
+            partial = self.weights_path.with_suffix(".partial")
+            with open(partial, "wb") as f:
+                np.savez(f, *self.best_weights)
+            os.replace(partial, self.weights_path)
+        state = {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "epoch": epoch}
+        data.write_atomically(self.state_path, json.dumps(state))
+
+
+# ---------------------------------------------------------------- run directory
+
+def resolved(cfg):
+    """The config with paths made absolute, as saved in the run directory."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg["data"]["dir"] = os.path.abspath(cfg["data"]["dir"])
+    if cfg["data"]["labels"]:
+        cfg["data"]["labels"] = os.path.abspath(cfg["data"]["labels"])
+    cfg["data"]["cache_dir"] = os.path.abspath(os.path.expanduser(cfg["data"]["cache_dir"]))
+    if cfg["model"]["weights"] not in ("imagenet", "none"):
+        cfg["model"]["weights"] = os.path.abspath(cfg["model"]["weights"])
+    return cfg
+
+
+def choose_run_dir(cfg, run_dir):
+    """-> (run directory, whether it resumes an interrupted run). Never reuses a finished run."""
+    if run_dir is None:
+        unfinished = [d for d in sorted(Path("runs").glob("*"), reverse=True)
+                      if (d / "config.yaml").exists() and not (d / MODEL_FILE).exists()
+                      and yaml.safe_load((d / "config.yaml").read_text()) == cfg]
+        if unfinished:
+            return unfinished[0], True
+        run_dir = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(run_dir)
+    if (run_dir / MODEL_FILE).exists():
+        raise UserError(f"{run_dir} holds a finished run; choose another --run-dir")
+    if (run_dir / "config.yaml").exists():
+        before = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if before != cfg:
+            changed = sorted(k for k in set(flat(before)) | set(flat(cfg)) if flat(before).get(k) != flat(cfg).get(k))
+            raise UserError(f"{run_dir} holds an interrupted run with another config ({', '.join(changed)} differ): "
+                            f"rerun it with its own config, or choose another --run-dir")
+        return run_dir, True
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} is not empty and holds no run; choose another --run-dir")
+    return run_dir, False
+
+
+def completed_epochs(backup_dir):
+    """The epochs BackupAndRestore has saved, which it resumes after."""
+    path = Path(backup_dir) / "training_metadata.json"
+    return json.loads(path.read_text())["epoch"] if path.exists() else 0
+
+
+def trim_history(path, epochs):
+    """Drops history rows of epochs that will run again: a kill after an epoch's row was
+    written, but before its backup, leaves one."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(lines[:1 + epochs]))
+
+
+def flat(cfg):
+    return {f"{s}.{k}": v for s, keys in cfg.items() for k, v in keys.items()}
+
+
+# ---------------------------------------------------------------- data
+
+def prepare_data(cfg):
+    """Reads, checks and decodes the data set; prints a short report."""
+    d = cfg["data"]
+    root = Path(d["dir"])
+    if not root.exists() and d["dir"] == os.path.abspath(read_yaml(DEFAULTS_PATH)["data"]["dir"]):
+        print(f"{root} does not exist: generating the default synthetic set of {data.SYNTH_COUNT} captchas "
+              f"(set data.dir to train on your own)")
+        partial = root.with_name(root.name + ".partial")
+        data.synthesize(partial, data.SYNTH_COUNT, d["length"], d["charset"] or data.SYNTH_CHARSET, d["image_size"],
+                        d["seed"])
+        os.replace(partial, root)
+    items, notes = data.labelled_files(root, d["labels"], d["label_pattern"], d["case"], d["length"], d["charset"])
+    good, bad = data.split_by_label_problem(items, d["length"], d["charset"])
+    if bad:
+        hint = ""
+        if d["case"] == "sensitive" and d["charset"] and any(
+                not data.label_problem(label.lower(), d["length"], d["charset"])
+                or not data.label_problem(label.upper(), d["length"], d["charset"]) for _, label, _ in bad):
+            hint = "; set data.case=lower or upper to fold the labels' case"
+        source = d["labels"] or "file names"
+        raise UserError(f"{len(bad)} of {len(items)} labels in {source} do not fit data.length={d['length']}"
+                        f"{' and data.charset' if d['charset'] else ''}: {data.describe(bad, root)}{hint}")
+    charset = d["charset"] or data.infer_charset([label for _, label in good])
+    paths = [path for path, _ in good]
+    images, digests, failures = data.load_images(paths, d["image_size"], d["cache_dir"], desc=f"decoding {root}")
+    valid = np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64)
+    if len(valid) < 2:
+        raise UserError(f"{root}: fewer than 2 readable images")
+    targets = data.encode([label for _, label in good], charset)
+    train_idx, test_idx = data.split_train_test([digests[i] for i in valid], d["test_fraction"], d["seed"])
+    train_idx, test_idx = valid[train_idx], valid[test_idx]
+
+    print(f"data: {len(valid)} images from {root}, labels from {d['labels'] or 'file names'}; "
+          f"charset {charset!r} ({len(charset)} characters{', inferred' if not d['charset'] else ''}), "
+          f"length {d['length']}; {len(train_idx)} to train, {len(test_idx)} held out")
+    if failures:
+        first = "; ".join(f"{data.shown_path(paths[i], root)} ({why})" for i, why in list(failures.items())[:3])
+        notes.append(f"{len(failures)} unreadable images skipped: {first}")
+    groups = {}
+    for i in valid:
+        groups.setdefault(digests[i], []).append(i)
+    repeats = [g for g in groups.values() if len(g) > 1]
+    if repeats:
+        disagree = sum(len({good[i][1] for i in g}) > 1 for g in repeats)
+        notes.append(f"{sum(len(g) - 1 for g in repeats)} duplicate images ({len(repeats)} groups, kept on one side "
+                     f"of the split; {disagree} groups with disagreeing labels): "
+                     f"{', '.join(data.shown_path(paths[i], root) for i in repeats[0])}")
+    for note in notes:
+        print(f"  note: {note}")
+    return {"root": root, "items": good, "images": images, "targets": targets, "charset": charset,
+            "train": train_idx, "test": test_idx}
+
+
+def write_test_split(path, dataset):
+    """filename,label rows relative to data.dir: the label-CSV format, so evaluate.py reads it like any other."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["filename", "label"])
+        for i in dataset["test"]:
+            item_path, label = dataset["items"][i]
+            writer.writerow([os.path.relpath(item_path, dataset["root"]).replace(os.sep, "/"), label])
+
+
+# ---------------------------------------------------------------- training
+
+def train(cfg, run_dir=None):
+    cfg = resolved(cfg)
+    run_dir, resuming = choose_run_dir(cfg, run_dir)
+    dataset = prepare_data(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_test_split(run_dir / "test_split.csv", dataset)
+    print(f"{'resuming' if resuming else 'run'}: {run_dir}")
+
+    d, m, t = cfg["data"], cfg["model"], cfg["train"]
+    keras.utils.set_random_seed(d["seed"])
+    policy = resolve_precision(t["precision"])
+    keras.mixed_precision.set_global_policy(policy)
+    charset = dataset["charset"]
+    model, initialisation = build_model(d["image_size"], d["length"], len(charset), m["backbone"], m["weights"],
+                                        m["dropout"], m["weights_strict"], t["augment_shift"])
+    steps = math.ceil(len(dataset["train"]) / t["batch_size"])
+    schedule = keras.optimizers.schedules.CosineDecay(t["learning_rate"], decay_steps=t["epochs"] * steps)
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=[keras.losses.CategoricalCrossentropy(label_smoothing=t["label_smoothing"])] * d["length"],
+        metrics=[["accuracy"]] * d["length"],
+    )
+    print(f"model: {m['backbone']} from {initialisation} weights, {policy} precision, "
+          f"input {d['image_size'][0]}x{d['image_size'][1]}, {model.count_params():,} parameters")
+
+    early_stopping = ResumableEarlyStopping(run_dir, monitor=MONITOR, mode="max", patience=t["patience"],
+                                            restore_best_weights=True)
+    callbacks = [
+        HeldOutAccuracy(dataset["images"], dataset["test"], dataset["targets"], t["batch_size"]),
+        # Both before the backup: a kill between them and it repeats an epoch, never skips one.
+        early_stopping,
+        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), double_checkpoint=True, delete_checkpoint=False),
+    ]
+    tensorboard = importlib.util.find_spec("tensorboard") is not None  # absent where the backend is not TensorFlow
+    if tensorboard:
+        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
+    if resuming:
+        trim_history(run_dir / "history.csv", completed_epochs(run_dir / "backup"))
+    batches = Batches(dataset["images"], dataset["train"], dataset["targets"], len(charset), t["batch_size"],
+                      shuffle=True, seed=d["seed"], workers=2)
+    model.fit(batches, epochs=t["epochs"], callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+
+    chosen = early_stopping.best_epoch + 1
+    metadata = {
+        "charset": charset, "length": d["length"], "image_size": d["image_size"], "case": d["case"],
+        "label_pattern": d["label_pattern"], "backbone": m["backbone"], "initialisation": initialisation,
+        "preprocessing": f"{preprocessing_for(m['backbone'])} scaling of RGB uint8 pixels, inside the model; "
+                         f"images resized to image_size by data.decode_image (bilinear)",
+        "decode_version": data.DECODE_VERSION, "trained_precision": policy, "epoch": chosen,
+        "held_out_whole_string_accuracy": early_stopping.best, "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+    }
+    save_model(with_precision(model, "float32"), run_dir / MODEL_FILE, metadata)
+    data.write_atomically(run_dir / "metadata.json", json.dumps(metadata, indent=2))
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    for state in ("early_stopping.json", "best.weights.npz"):
+        (run_dir / state).unlink(missing_ok=True)
+    print(f"chose epoch {chosen} of {t['epochs']}: held-out whole-string accuracy {early_stopping.best:.4f}")
+    print(f"saved in {run_dir}: {MODEL_FILE} (model and metadata), metadata.json, config.yaml, test_split.csv, "
+          f"history.csv{', tensorboard/' if tensorboard else ''}")
+    return run_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=str(DEFAULTS_PATH), help="YAML config (default: the shipped config.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key; repeatable")
+    parser.add_argument("--run-dir", help="where to write the run (default: a new folder under runs/)")
+    args = parser.parse_args(argv)
+    train(load_config(args.config, args.set), args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main, interrupted="interrupted: run the same command again to resume from the last completed epoch")
