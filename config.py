@@ -116,7 +116,8 @@ def validate(cfg):
     if min(height, width) < MIN_IMAGE_SIDE:
         raise UserError(f"data.image_size {data['image_size']} is too small for the backbone, which "
                         f"downsamples by 32: each side must be at least {MIN_IMAGE_SIDE} pixels")
-    bounds = [("data.length", data["length"] >= 1), ("data.test_fraction", 0 < data["test_fraction"] < 1),
+    bounds = [("data.length", data["length"] >= 1), ("data.max_train_images", data["max_train_images"] >= 0),
+              ("data.test_fraction", 0 < data["test_fraction"] < 1),
               ("model.dropout", 0 <= model["dropout"] < 1), ("train.epochs", train["epochs"] >= 1),
               ("train.batch_size", train["batch_size"] >= 1), ("train.learning_rate", train["learning_rate"] > 0),
               ("train.patience", train["patience"] >= 0), ("train.label_smoothing", 0 <= train["label_smoothing"] < 1),

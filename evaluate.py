@@ -151,7 +151,8 @@ def write_errors(path, rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="run directory or .keras file")
+    parser.add_argument("--model", required=True, help="run directory, .keras file or export (.onnx, .tflite, "
+                                                       "SavedModel folder)")
     parser.add_argument("--data", help="labelled folder to score (default: the run's held-out split)")
     parser.add_argument("--labels", help="filename,label CSV: labels for --data, or for the held-out split")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")

@@ -6,6 +6,10 @@ A PATH is a folder (read recursively), a file or a glob. Rows are `path,predicti
 JSONL adds the confidence of each position. An unreadable file is reported on stderr and
 the others are still read; the exit status is then 1.
 
+The model is a run directory, a .keras file, or an export made by export.py: X.onnx, X.tflite or a
+SavedModel folder, with its metadata beside it (X.onnx.json, ...). An ONNX model needs only onnxruntime:
+this module imports Keras and TensorFlow only when a model needs them.
+
 From Python:
     from predict import Recognizer
     recognizer = Recognizer.load("runs/20260101-120000")
@@ -13,9 +17,11 @@ From Python:
 """
 import argparse
 import csv
+import importlib
 import json
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -23,11 +29,8 @@ from typing import NamedTuple
 import numpy as np
 from tqdm import tqdm
 
+import data
 from config import UserError, quiet_backend_startup, run
-
-quiet_backend_startup()
-import data  # noqa: E402
-from model import load_model, resolve_precision, with_precision  # noqa: E402
 
 DEFAULT_BATCH_SIZE = 64
 
@@ -49,8 +52,23 @@ class Recognizer:
 
     @classmethod
     def load(cls, path, batch_size=DEFAULT_BATCH_SIZE, precision="auto"):
-        """path: a run directory or a .keras file. precision: as train.precision; `auto` computes in
-        bfloat16 where the CPU does so natively (faster, and the same text on all but rare near-ties)."""
+        """path: a run directory, a .keras file or an export (.onnx, .tflite, SavedModel folder).
+        precision, for a Keras model only (exports compute in float32): as train.precision; `auto`
+        computes in bfloat16 where the CPU does so natively (faster, and the same text on all but
+        rare near-ties)."""
+        path, form = Path(path), export_format(path)
+        if form:
+            if not path.exists():
+                raise UserError(f"no model at {path}")
+            metadata = read_export_metadata(path)
+            return cls(EXPORT_LOADERS[form](path, metadata, batch_size), metadata, batch_size)
+        try:
+            quiet_backend_startup()
+            from model import load_model, resolve_precision, with_precision
+        except ImportError as e:
+            raise UserError(f"reading a Keras model needs Keras and TensorFlow ({e}); an export made by export.py "
+                            f"needs neither") from None
+
         model, metadata = load_model(path)
         policy = resolve_precision(precision)
         model = model if policy == "float32" else with_precision(model, policy)
@@ -82,6 +100,122 @@ class Recognizer:
         """images: paths, bytes, PIL images or numpy arrays -> list of Reading. Raises data.ImageError."""
         return self.read(np.stack([data.decode_image(image, self.image_size) for image in images])) if images else []
 
+
+# ---------------------------------------------------------------- exported models
+
+def export_format(path):
+    """'onnx', 'tflite', 'savedmodel', or None for a Keras model (a run directory or a .keras file)."""
+    path = Path(path)
+    if path.suffix.lower() in (".onnx", ".tflite"):
+        return path.suffix.lower()[1:]
+    return "savedmodel" if (path / "saved_model.pb").is_file() else None
+
+
+def export_metadata_path(path):
+    """The JSON beside an export: X.onnx -> X.onnx.json, X.tflite -> X.tflite.json, SavedModel folder D -> D.json."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.json")
+
+
+def read_export_metadata(path):
+    json_path = export_metadata_path(path)
+    try:
+        metadata = json.loads(json_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} has no metadata beside it: expected {json_path}, as export.py writes it") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"{json_path} is not readable JSON: {e}") from None
+    if not isinstance(metadata, dict) or not {"charset", "length", "image_size"} <= metadata.keys():
+        raise UserError(f"{json_path} is not the metadata of an export: it lacks charset, length or image_size")
+    return metadata
+
+
+def by_position(names, length, path):
+    """Output names -> the same names in position order. The exporters keep the names (char_1..char_N)
+    but not always the model's order of outputs."""
+    expected = [f"char_{i}" for i in range(1, length + 1)]
+    if sorted(names) != sorted(expected):
+        raise UserError(f"{path} has outputs {', '.join(names)}, not {', '.join(expected)}: "
+                        f"it was not exported by export.py for its metadata")
+    return expected
+
+
+def load_onnx(path, metadata, batch_size):
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(f"reading {path} needs onnxruntime: pip install onnxruntime") from None
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime has its own exception types for a file that is not a model
+        raise UserError(f"{path} is not an ONNX model onnxruntime can run: {str(e).splitlines()[0]}") from None
+    outputs = by_position([o.name for o in session.get_outputs()], metadata["length"], path)
+    pixels = session.get_inputs()[0].name
+    return lambda batch: session.run(outputs, {pixels: batch})
+
+
+def tflite_interpreter_class():
+    """The lightest TFLite interpreter installed: LiteRT, then tflite-runtime, then TensorFlow's."""
+    for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+        try:
+            return importlib.import_module(module).Interpreter
+        except ImportError:
+            pass
+    try:
+        quiet_backend_startup()
+        import tensorflow
+    except ImportError:
+        raise UserError("reading a .tflite model needs a TFLite interpreter: pip install ai-edge-litert") from None
+    return tensorflow.lite.Interpreter
+
+
+def load_tflite(path, metadata, batch_size):
+    interpreter_class = tflite_interpreter_class()
+    try:
+        with warnings.catch_warnings():  # TensorFlow's interpreter warns that LiteRT replaces it: it works the same
+            warnings.simplefilter("ignore", UserWarning)
+            interpreter = interpreter_class(model_path=str(path))
+        signature = interpreter.get_signature_runner()  # it names the outputs; their indices are the interpreter's
+    except (ValueError, RuntimeError) as e:
+        raise UserError(f"{path} is not a TFLite model with one signature: {str(e).splitlines()[0]}") from None
+    (pixels,) = signature.get_input_details().values()
+    details = signature.get_output_details()
+    outputs = [details[name]["index"] for name in by_position(list(details), metadata["length"], path)]
+    del signature  # it holds the interpreter's internals, and resizing refuses while anything does
+    # The Recognizer always sends batch_size images: size the input for that once, not per batch.
+    interpreter.resize_tensor_input(pixels["index"], [batch_size, *pixels["shape"][1:]])
+    interpreter.allocate_tensors()
+
+    def run_batch(batch):
+        interpreter.set_tensor(pixels["index"], batch)
+        interpreter.invoke()
+        return [interpreter.get_tensor(index) for index in outputs]
+
+    return run_batch
+
+
+def load_savedmodel(path, metadata, batch_size):
+    quiet_backend_startup()
+    import tensorflow
+
+    try:
+        serve = tensorflow.saved_model.load(str(path)).signatures["serving_default"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"{path} is not a SavedModel with a serving_default signature: {e}") from None
+    outputs = by_position(list(serve.structured_outputs), metadata["length"], path)
+    (pixels,) = serve.structured_input_signature[1]  # the signature takes keyword arguments only
+
+    def run_batch(batch):
+        probabilities = serve(**{pixels: tensorflow.constant(batch)})
+        return [probabilities[name].numpy() for name in outputs]
+
+    return run_batch
+
+
+EXPORT_LOADERS = {"onnx": load_onnx, "tflite": load_tflite, "savedmodel": load_savedmodel}
+
+
+# ---------------------------------------------------------------- reading files
 
 def decode_chunk(paths, size):
     pixels, errors = [], {}
@@ -135,7 +269,8 @@ def open_output(path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="run directory or .keras file")
+    parser.add_argument("--model", required=True, help="run directory, .keras file or export (.onnx, .tflite, "
+                                                       "SavedModel folder)")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="folder, file or glob")
     parser.add_argument("--output", help="FILE.csv or FILE.jsonl (default: CSV on stdout)")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)

@@ -5,6 +5,7 @@
 Killed or interrupted, the same command resumes from the last completed epoch.
 """
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -23,49 +24,55 @@ quiet_backend_startup()
 import keras  # noqa: E402
 
 import data  # noqa: E402
+from predict import Recognizer  # noqa: E402
 from model import MODEL_FILE, build_model, preprocessing_for, resolve_precision, save_model, with_precision  # noqa: E402
 
 MONITOR = "val_whole_string_accuracy"
 
 
 class Batches(keras.utils.PyDataset):
-    """Batches gathered from the decoded uint8 array, with one-hot targets per head when given."""
+    """Shuffled training batches gathered from the decoded uint8 array, with one-hot targets per head.
 
-    def __init__(self, images, indices, targets=None, num_classes=0, batch_size=32, shuffle=False, seed=0, **kwargs):
+    Every batch is full, so that it splits evenly over data-parallel replicas. With several
+    processes feeding one global batch (JAX across hosts), each takes its own share of it."""
+
+    def __init__(self, images, indices, targets, num_classes, batch_size, seed, process=(0, 1), **kwargs):
         super().__init__(**kwargs)
-        self.images, self.indices, self.targets = images, np.asarray(indices), targets
-        self.num_classes, self.batch_size = num_classes, batch_size
-        self.rng = np.random.default_rng(seed) if shuffle else None
-        self.order = self.rng.permutation(self.indices) if shuffle else self.indices
+        index, count = process
+        self.images, self.targets, self.num_classes = images, targets, num_classes
+        self.batch_size = batch_size // count
+        self.indices = np.asarray(indices)[index::count]
+        self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(self.indices)
+        self.steps = max(1, len(indices) // batch_size)
 
     def __len__(self):
-        return math.ceil(len(self.indices) / self.batch_size)
+        return self.steps
 
     def __getitem__(self, i):
         # Sorted, so that a memory-mapped array is read in file order.
         batch = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
         x = self.images[batch]
-        if self.targets is None:
-            return x
         one_hot = np.eye(self.num_classes, dtype=np.float32)[self.targets[batch]]
         return x, tuple(one_hot[:, position] for position in range(one_hot.shape[1]))
 
     def on_epoch_end(self):
-        if self.rng is not None:
-            self.order = self.rng.permutation(self.indices)
+        self.order = self.rng.permutation(self.indices)
 
 
 class HeldOutAccuracy(keras.callbacks.Callback):
     """After every epoch, scores the whole held-out split: whole-string and per-position accuracy."""
 
-    def __init__(self, images, indices, targets, batch_size):
+    def __init__(self, images, indices, targets, metadata, batch_size):
         super().__init__()
-        self.batches = Batches(images, indices, batch_size=batch_size)
-        self.truth = targets[np.sort(indices)]
+        self.images, self.indices, self.truth = images, np.sort(indices), targets[np.sort(indices)]
+        self.metadata, self.batch_size = metadata, batch_size
 
     def on_epoch_end(self, epoch, logs=None):
-        probabilities = self.model.predict(self.batches, verbose=0)
-        predicted = np.stack([p.argmax(axis=-1) for p in probabilities], axis=1)
+        recognizer = Recognizer(self.model.predict_on_batch, self.metadata, self.batch_size)
+        chunks = [self.indices[i:i + 4096] for i in range(0, len(self.indices), 4096)]  # bounded memory
+        predicted = np.concatenate([np.stack([p.argmax(axis=-1) for p in recognizer.probabilities(self.images[c])], 1)
+                                    for c in chunks])
         logs[MONITOR] = float(np.mean(np.all(predicted == self.truth, axis=1)))
         for position, accuracy in enumerate(np.mean(predicted == self.truth, axis=0), 1):
             logs[f"val_char_{position}_accuracy"] = float(accuracy)
@@ -97,6 +104,58 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             os.replace(partial, self.weights_path)
         state = {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "epoch": epoch}
         data.write_atomically(self.state_path, json.dumps(state))
+
+
+# ---------------------------------------------------------------- distribution
+
+def data_parallel(distribute):
+    """-> (scope to build and compile in, replicas, (this process, processes), whether each process
+    feeds only its share of every batch), from each backend's own engine. TensorFlow: MirroredStrategy over every GPU in the box (or every CPU
+    device if there is none), MultiWorkerMirroredStrategy across machines when TF_CONFIG describes
+    a cluster. JAX: keras.distribution.DataParallel over every device, across hosts when the
+    KERAS_DISTRIBUTION_* variables describe them."""
+    if distribute == "none":
+        return contextlib.nullcontext(), 1, (0, 1), False
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if "TF_CONFIG" in os.environ:
+            strategy = multi_worker_strategy()
+            cluster = json.loads(os.environ["TF_CONFIG"])
+            workers = len(cluster["cluster"].get("worker", []))
+            # TensorFlow splits every batch over the workers itself.
+            return strategy.scope(), strategy.num_replicas_in_sync, (cluster["task"]["index"], workers), False
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+        return strategy.scope(), strategy.num_replicas_in_sync, (0, 1), False
+    if backend == "jax":
+        import jax
+
+        if int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1")) > 1:
+            keras.distribution.initialize()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+        return contextlib.nullcontext(), jax.device_count(), (jax.process_index(), jax.process_count()), True
+    raise UserError(f"train.distribute=data_parallel needs the tensorflow or jax backend, not {backend}")
+
+
+def multi_worker_strategy():
+    """TensorFlow's MultiWorkerMirroredStrategy, with its reduce() fitted to two calls Keras 3.15's
+    fit makes of it: averaging a sample batch over the workers to build the model (TensorFlow
+    cannot reduce uint8 or nested values), and averaging each worker's scalar logs along axis 0."""
+    import tensorflow as tf
+
+    class Strategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            def reduce_one(v):
+                local = self.experimental_local_results(v)[0]
+                if not local.dtype.is_floating:
+                    return local  # only its shape and dtype are used
+                return super(Strategy, self).reduce(reduce_op, v, None if local.shape.rank == 0 else axis)
+
+            return tf.nest.map_structure(reduce_one, value)
+
+    return Strategy()
 
 
 # ---------------------------------------------------------------- run directory
@@ -188,6 +247,8 @@ def prepare_data(cfg):
     targets = data.encode([label for _, label in good], charset)
     train_idx, test_idx = data.split_train_test([digests[i] for i in valid], d["test_fraction"], d["seed"])
     train_idx, test_idx = valid[train_idx], valid[test_idx]
+    if d["max_train_images"]:
+        train_idx = np.sort(np.random.default_rng(d["seed"]).permutation(train_idx)[:d["max_train_images"]])
 
     print(f"data: {len(valid)} images from {root}, labels from {d['labels'] or 'file names'}; "
           f"charset {charset!r} ({len(charset)} characters{', inferred' if not d['charset'] else ''}), "
@@ -226,6 +287,14 @@ def write_test_split(path, dataset):
 
 def train(cfg, run_dir=None):
     cfg = resolved(cfg)
+    d, m, t = cfg["data"], cfg["model"], cfg["train"]
+    # First: TensorFlow's strategies must exist before anything else runs on a device.
+    scope, replicas, (process, processes), feeds_share = data_parallel(t["distribute"])
+    if processes > 1:
+        if run_dir is None:
+            raise UserError("training on several machines needs --run-dir, the same on each of them")
+        if process:  # the first process writes the run; the others keep their own files beside it
+            run_dir = Path(f"{run_dir}.worker_{process}")
     run_dir, resuming = choose_run_dir(cfg, run_dir)
     dataset = prepare_data(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -233,27 +302,32 @@ def train(cfg, run_dir=None):
     write_test_split(run_dir / "test_split.csv", dataset)
     print(f"{'resuming' if resuming else 'run'}: {run_dir}")
 
-    d, m, t = cfg["data"], cfg["model"], cfg["train"]
     keras.utils.set_random_seed(d["seed"])
     policy = resolve_precision(t["precision"])
     keras.mixed_precision.set_global_policy(policy)
     charset = dataset["charset"]
-    model, initialisation = build_model(d["image_size"], d["length"], len(charset), m["backbone"], m["weights"],
-                                        m["dropout"], m["weights_strict"], t["augment_shift"])
-    steps = math.ceil(len(dataset["train"]) / t["batch_size"])
-    schedule = keras.optimizers.schedules.CosineDecay(t["learning_rate"], decay_steps=t["epochs"] * steps)
-    model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
-        loss=[keras.losses.CategoricalCrossentropy(label_smoothing=t["label_smoothing"])] * d["length"],
-        metrics=[["accuracy"]] * d["length"],
-    )
+    # train.batch_size is per device; Adam's learning rate follows the square-root scaling rule.
+    batch_size, learning_rate = t["batch_size"] * replicas, t["learning_rate"] * math.sqrt(replicas)
+    batches = Batches(dataset["images"], dataset["train"], dataset["targets"], len(charset), batch_size, d["seed"],
+                      (process, processes) if feeds_share else (0, 1), workers=2)
+    with scope:
+        model, initialisation = build_model(d["image_size"], d["length"], len(charset), m["backbone"], m["weights"],
+                                            m["dropout"], m["weights_strict"], t["augment_shift"])
+        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=t["epochs"] * len(batches))
+        model.compile(
+            optimizer=keras.optimizers.Adam(schedule),
+            loss=[keras.losses.CategoricalCrossentropy(label_smoothing=t["label_smoothing"])] * d["length"],
+            metrics=[["accuracy"]] * d["length"],
+        )
     print(f"model: {m['backbone']} from {initialisation} weights, {policy} precision, "
-          f"input {d['image_size'][0]}x{d['image_size'][1]}, {model.count_params():,} parameters")
+          f"input {d['image_size'][0]}x{d['image_size'][1]}, {model.count_params():,} parameters; "
+          f"batch {batch_size} over {replicas} device{'s' if replicas > 1 else ''}")
 
     early_stopping = ResumableEarlyStopping(run_dir, monitor=MONITOR, mode="max", patience=t["patience"],
                                             restore_best_weights=True)
+    shape = {"image_size": d["image_size"], "charset": charset, "length": d["length"]}
     callbacks = [
-        HeldOutAccuracy(dataset["images"], dataset["test"], dataset["targets"], t["batch_size"]),
+        HeldOutAccuracy(dataset["images"], dataset["test"], dataset["targets"], shape, batch_size),
         # Both before the backup: a kill between them and it repeats an epoch, never skips one.
         early_stopping,
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
@@ -264,8 +338,6 @@ def train(cfg, run_dir=None):
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
     if resuming:
         trim_history(run_dir / "history.csv", completed_epochs(run_dir / "backup"))
-    batches = Batches(dataset["images"], dataset["train"], dataset["targets"], len(charset), t["batch_size"],
-                      shuffle=True, seed=d["seed"], workers=2)
     model.fit(batches, epochs=t["epochs"], callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
 
     chosen = early_stopping.best_epoch + 1

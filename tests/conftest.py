@@ -61,7 +61,7 @@ def trained_run(tmp_path_factory, cache_dir):
     work = tmp_path_factory.mktemp("work")
     cwd, count = os.getcwd(), data.SYNTH_COUNT
     os.chdir(work)
-    data.SYNTH_COUNT = 200
+    data.SYNTH_COUNT = 120
     try:
         cfg = config.load_config(None, overrides("train.epochs=2", "data.charset=0123456789", cache_dir=cache_dir))
         run_dir = train.train(cfg, work / "run")

@@ -55,11 +55,16 @@ def test_scores_are_exact_on_a_hand_made_case():
     assert coverage[1.0] == 0.5 and coverage[0.8] == pytest.approx(2 / 3)  # top 3: 0.99, 0.9 right, 0.5 wrong
 
 
-def test_evaluate_folder_matches_the_known_figures_and_predict(known_folder, trained_run, tmp_path):
-    result = run_script("evaluate.py", "--model", trained_run, "--data", known_folder, "--json",
-                        "--errors", tmp_path / "errors.csv")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+def run_main(module, capsys, *args):
+    """A script's main() in this process, as its command line would run it -> what it printed."""
+    capsys.readouterr()
+    assert module.main([str(a) for a in args]) == 0
+    return capsys.readouterr().out
+
+
+def test_evaluate_folder_matches_the_known_figures_and_predict(known_folder, trained_run, tmp_path, capsys):
+    report = json.loads(run_main(evaluate, capsys, "--model", trained_run, "--data", known_folder, "--json",
+                                 "--errors", tmp_path / "errors.csv"))
     assert report["count"] == 10 and report["skipped"] == 0
     assert report["whole_string_accuracy"] == 0.6
     assert report["per_position_accuracy"] == [0.6, 0.8, 0.8, 0.8]
@@ -69,8 +74,7 @@ def test_evaluate_folder_matches_the_known_figures_and_predict(known_folder, tra
     confidences = [float(row["confidence"]) for row in errors.values()]
     assert confidences == sorted(confidences, reverse=True)
 
-    result = run_script("predict.py", "--model", trained_run, known_folder, "--output", tmp_path / "read.csv")
-    assert result.returncode == 0, result.stderr
+    run_main(predict, capsys, "--model", trained_run, known_folder, "--output", tmp_path / "read.csv")
     with open(tmp_path / "read.csv") as f:
         read = {row["path"].split("/")[-1]: row["prediction"] for row in csv.DictReader(f)}
     assert len(read) == 10
@@ -79,10 +83,8 @@ def test_evaluate_folder_matches_the_known_figures_and_predict(known_folder, tra
         assert prediction == (errors[name]["prediction"] if name in errors else label)
 
 
-def test_evaluate_held_out_split_reports_every_figure(trained_run):
-    result = run_script("evaluate.py", "--model", trained_run, "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+def test_evaluate_held_out_split_reports_every_figure(trained_run, capsys):
+    report = json.loads(run_main(evaluate, capsys, "--model", trained_run, "--json"))
     held_out, _ = data.read_labels_csv(trained_run / "test_split.csv", trained_run.parent / "data" / "synthetic")
     assert report["count"] == len(held_out) and report["skipped"] == 0
     assert 0 <= report["whole_string_accuracy"] <= 1
@@ -90,8 +92,8 @@ def test_evaluate_held_out_split_reports_every_figure(trained_run):
     assert [c["coverage"] for c in report["coverage"]] == [1.0, 0.95, 0.9, 0.8]
     for key in ("per_character_accuracy", "confusions", "suspected_label_errors", "skipped_reasons"):
         assert key in report
-    text = run_script("evaluate.py", "--model", trained_run)
-    assert "whole-string accuracy" in text.stdout and "confidence coverage" in text.stdout
+    text = run_main(evaluate, capsys, "--model", trained_run)
+    assert "whole-string accuracy" in text and "confidence coverage" in text
 
 
 def test_unscorable_labels_are_counted_not_scored(recognizer, known_folder, tmp_path):
@@ -148,10 +150,8 @@ def test_predict_reads_every_good_file_and_reports_bad_ones(trained_run, known_f
     assert "cut.jpg: corrupt image" in result.stderr
 
 
-def test_predict_writes_csv_to_stdout_and_accepts_globs(trained_run, known_folder):
-    result = run_script("predict.py", "--model", trained_run, f"{known_folder}/0[0-2]_*.png")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+def test_predict_writes_csv_to_stdout_and_accepts_globs(trained_run, known_folder, capsys):
+    lines = run_main(predict, capsys, "--model", trained_run, f"{known_folder}/0[0-2]_*.png").splitlines()
     assert lines[0] == "path,prediction,confidence" and len(lines) == 4
 
 

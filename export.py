@@ -1,0 +1,145 @@
+"""Export a trained model for serving: ONNX, TFLite (LiteRT) or a TensorFlow SavedModel.
+
+    python export.py --model RUN_DIR_OR_MODEL --format onnx|tflite|savedmodel [--out PATH]
+
+The export takes raw uint8 pixels (N x H x W x 3), like the .keras model, and has one softmax
+output per position, named char_1..char_N. Its metadata (charset, length, image size, ...) is
+written beside it: X.onnx -> X.onnx.json, X.tflite -> X.tflite.json, SavedModel folder D -> D.json.
+predict.py and evaluate.py read exports like run directories: --model X.onnx.
+
+Default --out: RUN_DIR/export/model.onnx, model.tflite or savedmodel; an existing export there
+is replaced. Before it is put in place, the export and the float32 Keras model read up to 100
+held-out images of the run (or 100 fixed random images when those cannot be found): they must
+give the same text, and probabilities within PARITY_TOLERANCE, else nothing is written.
+"""
+import argparse
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from config import UserError, quiet_backend_startup, run
+
+quiet_backend_startup()
+import keras  # noqa: E402
+import tensorflow  # noqa: E402  (every format here is exported through TensorFlow)
+
+import data  # noqa: E402
+from evaluate import held_out_items  # noqa: E402
+from model import load_model, model_path  # noqa: E402
+from predict import DEFAULT_BATCH_SIZE, EXPORT_LOADERS, Recognizer, export_metadata_path  # noqa: E402
+
+# --format: (Keras's name for the format, default name in RUN_DIR/export/)
+FORMATS = {"onnx": ("onnx", "model.onnx"), "tflite": ("litert", "model.tflite"),
+           "savedmodel": ("tf_saved_model", "savedmodel")}
+PARITY_SAMPLES = 100
+# Largest difference of any probability between the export and the float32 Keras model. All
+# three formats compute in float32; measured on Xception with confident outputs: SavedModel 0,
+# ONNX 8e-7, TFLite 3e-6 (other kernels and fusions, same arithmetic). 1e-4 leaves a 30x margin
+# for other models and CPUs, yet fails an export computing in float16 or bfloat16 (3e-4 and 4e-3
+# on that model), let alone one with a wrong preprocessing or a lost layer.
+PARITY_TOLERANCE = 1e-4
+
+
+def default_out(model_arg, form):
+    return model_path(model_arg).parent / "export" / FORMATS[form][1]
+
+
+def export(model, form, path, image_size):
+    """Writes model to path in Keras's exporter for form, with its outputs named char_1..char_N."""
+    # Keras's model returns a list, which the exporters name by index (Identity_1, output_1, ...);
+    # the same layers returning a dict make every format name its outputs by the dict's keys.
+    named = keras.Model(model.inputs, dict(zip(model.output_names, model.outputs)), name=model.name)
+    named([np.zeros((1, *image_size, 3), np.uint8)])  # the ONNX exporter refuses a model never called
+    with warnings.catch_warnings():  # Keras's tf2onnx patch probes numpy for a removed alias, which warns
+        warnings.simplefilter("ignore", FutureWarning)
+        named.export(str(path), format=FORMATS[form][0], verbose=False)
+
+
+def sample_images(model_arg, metadata):
+    """-> (up to PARITY_SAMPLES held-out images of the run, or as many fixed random ones; description)."""
+    size = tuple(metadata["image_size"])
+    try:
+        _, items, _, _ = held_out_items(model_arg, None, metadata["case"])
+    except UserError:  # no test_split.csv or config.yaml beside the model
+        items = []
+    pixels = []
+    for path, _ in items:
+        try:
+            pixels.append(data.decode_image(path, size))
+        except data.ImageError:
+            continue
+        if len(pixels) == PARITY_SAMPLES:
+            break
+    if pixels:
+        return np.stack(pixels), f"{len(pixels)} held-out images"
+    random = np.random.default_rng(0).integers(0, 256, (PARITY_SAMPLES, *size, 3), dtype=np.uint8)
+    return random, f"{PARITY_SAMPLES} random images (no held-out images found)"
+
+
+def parity(model, run_batch, metadata, samples):
+    """-> (largest absolute difference of any probability, number of samples read differently)."""
+    expected = Recognizer(model.predict_on_batch, metadata).probabilities(samples)
+    actual = Recognizer(run_batch, metadata).probabilities(samples)
+    difference = max(float(np.abs(e - a).max()) for e, a in zip(expected, actual))
+    texts = [data.decode(np.stack(p, axis=1).argmax(axis=-1), metadata["charset"]) for p in (expected, actual)]
+    return difference, sum(a != b for a, b in zip(*texts))
+
+
+def remove(path):
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="run directory or .keras file")
+    parser.add_argument("--format", required=True, help=", ".join(FORMATS))
+    parser.add_argument("--out", help="where to write (default: RUN_DIR/export/model.onnx, model.tflite or "
+                                      "savedmodel); the metadata goes beside it as .json")
+    args = parser.parse_args(argv)
+
+    form = args.format.lower()
+    if form not in FORMATS:
+        raise UserError(f"--format {args.format}: expected one of {', '.join(FORMATS)}")
+    out = Path(args.out) if args.out else default_out(args.model, form)
+    if form != "savedmodel" and out.suffix.lower() != f".{form}":
+        raise UserError(f"--out {out}: the {form} export must be a .{form} file")
+    model, metadata = load_model(args.model)
+    # The reference must compute in true float32: on recent GPUs TensorFlow would otherwise use
+    # TF32 convolutions, which alone differ from float32 by more than the tolerance.
+    tensorflow.config.experimental.enable_tensor_float_32_execution(False)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Exported and checked under a temporary name, then renamed: a crash or a failed check never
+    # leaves a partial or wrong export where a good one is expected.
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")
+    remove(partial)
+    try:
+        export(model, form, partial, metadata["image_size"])
+        samples, source = sample_images(args.model, metadata)
+        run_batch = EXPORT_LOADERS[form](partial, metadata, DEFAULT_BATCH_SIZE)
+        difference, mismatches = parity(model, run_batch, metadata, samples)
+        result = (f"{form} export vs float32 Keras model on {source}: {mismatches} texts differ, "
+                  f"largest probability difference {difference:.2g} (tolerance {PARITY_TOLERANCE:g})")
+        if mismatches or difference > PARITY_TOLERANCE:
+            raise UserError(f"parity check failed, nothing written: {result}")
+        print(f"parity check passed: {result}")
+        remove(out)
+        os.replace(partial, out)
+    finally:
+        remove(partial)
+    check = {"samples": len(samples), "source": source, "text_mismatches": mismatches,
+             "max_abs_probability_difference": difference, "tolerance": PARITY_TOLERANCE}
+    json_path = export_metadata_path(out)
+    data.write_atomically(json_path, json.dumps({**metadata, "format": form, "parity": check}, indent=2))
+    print(f"exported {out} (metadata: {json_path})")
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

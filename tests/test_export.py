@@ -1,0 +1,134 @@
+"""export.py and reading its exports with predict.py. Exporting is slow (ONNX ~20 s), so each
+format is exported once for the module and the tests read what it wrote."""
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import data
+import export
+import predict
+from config import UserError
+from conftest import assert_one_line_error, run_script
+from model import read_metadata
+
+
+def run_export(*args):
+    """export.main in this process (no second TensorFlow start-up) -> what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert export.main([str(a) for a in args]) == 0
+    return printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exports(trained_run, tmp_path_factory):
+    """format -> (export, what export.py printed), each in its default place in the run."""
+    return {"onnx": (trained_run / "export" / "model.onnx", run_export("--model", trained_run, "--format", "onnx")),
+            "tflite": (trained_run / "export" / "model.tflite",
+                       run_export("--model", trained_run, "--format", "tflite")),
+            "savedmodel": (trained_run / "export" / "savedmodel",
+                           run_export("--model", trained_run / "model.keras", "--format", "savedmodel"))}
+
+
+@pytest.fixture(scope="module")
+def keras_model(trained_run):
+    return predict.Recognizer.load(trained_run, batch_size=8, precision="float32")
+
+
+@pytest.fixture(scope="module")
+def held_out(trained_run):
+    labels, _ = data.read_labels_csv(trained_run / "test_split.csv", trained_run.parent / "data" / "synthetic")
+    return [trained_run.parent / "data" / "synthetic" / name for name in sorted(labels)]
+
+
+@pytest.mark.parametrize("form", ["onnx", "tflite", "savedmodel"])
+def test_each_format_writes_the_model_its_metadata_and_passes_parity(exports, trained_run, held_out, form):
+    path, printed = exports[form]
+    assert (path / "saved_model.pb").is_file() if form == "savedmodel" else path.stat().st_size > 0
+    assert not [p for p in path.parent.iterdir() if "partial" in p.name]
+    json_path = predict.export_metadata_path(path)
+    assert json_path.name == {"onnx": "model.onnx.json", "tflite": "model.tflite.json", "savedmodel": "savedmodel.json"}[form]
+    written = json.loads(json_path.read_text())
+    parity = written.pop("parity")
+    assert written == {**read_metadata(trained_run), "format": form}
+    assert parity["samples"] == len(held_out) and "held-out" in parity["source"]
+    assert parity["text_mismatches"] == 0 and parity["tolerance"] == export.PARITY_TOLERANCE
+    assert 0 <= parity["max_abs_probability_difference"] <= export.PARITY_TOLERANCE
+    assert f"parity check passed: {form} export" in printed and "0 texts differ" in printed
+    assert f"exported {path}" in printed
+
+
+@pytest.mark.parametrize("form", ["onnx", "tflite", "savedmodel"])
+def test_an_export_reads_as_the_float32_keras_model(exports, keras_model, held_out, form):
+    exported = predict.Recognizer.load(exports[form][0], batch_size=8)  # 3 batches, the last padded
+    assert exported.metadata["charset"] == "0123456789" and exported.image_size == (32, 64)
+    expected, actual = keras_model.predict(held_out), exported.predict(held_out)
+    assert [r.text for r in actual] == [r.text for r in expected]
+    assert np.allclose([r.position_confidences for r in actual], [r.position_confidences for r in expected],
+                       rtol=0, atol=export.PARITY_TOLERANCE)
+    pixels = np.stack([data.decode_image(p, (32, 64)) for p in held_out])
+    for want, got in zip(keras_model.probabilities(pixels), exported.probabilities(pixels)):  # every class, in order
+        assert np.abs(want - got).max() <= export.PARITY_TOLERANCE
+
+
+def test_outputs_are_put_in_position_order_by_name():
+    assert predict.by_position(["char_3", "char_1", "char_2"], 3, "m.onnx") == ["char_1", "char_2", "char_3"]
+    with pytest.raises(UserError, match="not exported by export.py"):
+        predict.by_position(["output_0", "output_1"], 2, "m.onnx")
+    with pytest.raises(UserError, match="not exported by export.py"):
+        predict.by_position(["char_1", "char_2"], 3, "m.onnx")
+
+
+def test_predict_command_reads_onnx_without_tensorflow_or_keras(exports, keras_model, trained_run, held_out, tmp_path):
+    blocked = tmp_path / "blocked"  # these shadow the installed packages: importing either fails
+    for package in ("tensorflow", "keras"):
+        (blocked / package).mkdir(parents=True)
+        (blocked / package / "__init__.py").write_text(f"raise ImportError('{package} is not installed')\n")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in held_out:
+        shutil.copy(path, folder)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(blocked), os.environ.get("PYTHONPATH")]))}
+    result = run_script("predict.py", "--model", exports["onnx"][0], folder, env=env)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [row["prediction"] for row in rows] == [r.text for r in keras_model.predict(sorted(folder.iterdir()))]
+    # The same blocked environment refuses a Keras model in one line.
+    assert_one_line_error(run_script("predict.py", "--model", trained_run, folder, env=env), "needs Keras")
+
+
+def test_a_failed_parity_check_writes_nothing(exports, trained_run, tmp_path, monkeypatch):
+    """A model with no run beside it is checked on random images; a failed check keeps nothing."""
+    shutil.copy(trained_run / "model.keras", tmp_path / "model.keras")
+    # The module's TFLite export stands in for a fresh one (the exporting itself is tested above).
+    monkeypatch.setattr(export, "export", lambda model, form, path, size: shutil.copy(exports["tflite"][0], path))
+    monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)  # no difference can pass
+    with pytest.raises(UserError, match=r"parity check failed, nothing written: .*100 random images"):
+        run_export("--model", tmp_path / "model.keras", "--format", "tflite")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["export", "model.keras"]
+
+
+def test_user_errors_are_one_line(exports, trained_run, held_out, tmp_path):
+    with pytest.raises(UserError, match="--format pt: expected one of onnx, tflite, savedmodel"):
+        export.main(["--model", str(trained_run), "--format", "pt"])
+    with pytest.raises(UserError, match="must be a .onnx file"):
+        export.main(["--model", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "model.tflite")])
+    with pytest.raises(UserError, match="no model at"):
+        export.main(["--model", str(tmp_path / "missing"), "--format", "onnx"])
+    fake = tmp_path / "fake.keras"
+    fake.write_text("not a model")
+    assert_one_line_error(run_script("export.py", "--model", fake, "--format", "onnx"), "not a model made by train.py")
+
+    alone = tmp_path / "alone.onnx"  # an export without its metadata
+    shutil.copy(exports["onnx"][0], alone)
+    assert_one_line_error(run_script("predict.py", "--model", alone, held_out[0]), "expected", "alone.onnx.json")
+    (tmp_path / "text.onnx").write_text("not a model")
+    shutil.copy(predict.export_metadata_path(exports["onnx"][0]), tmp_path / "text.onnx.json")
+    with pytest.raises(UserError, match="is not an ONNX model"):
+        predict.Recognizer.load(tmp_path / "text.onnx")
