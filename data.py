@@ -185,7 +185,7 @@ def read_labels_csv(csv_path, root):
     for number, row in enumerate(rows, 1):
         if len(row) < 2:
             raise UserError(f"{csv_path}: row {number} {','.join(row)!r} has no label column")
-        name, label = row[0].strip().replace("\\", "/"), row[1]
+        name, label = row[0].strip().replace("\\", "/"), row[1].strip()
         if not (Path(root) / name).is_file():
             missing.append(name)
         elif name in labels and labels[name] != label:

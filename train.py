@@ -347,6 +347,7 @@ def train(cfg, run_dir=None):
         "preprocessing": f"{preprocessing_for(m['backbone'])} scaling of RGB uint8 pixels, inside the model; "
                          f"images resized to image_size by data.decode_image (bilinear)",
         "decode_version": data.DECODE_VERSION, "trained_precision": policy, "epoch": chosen,
+        "train_images": len(dataset["train"]), "held_out_images": len(dataset["test"]),
         "held_out_whole_string_accuracy": early_stopping.best, "keras": keras.__version__,
         "backend": keras.backend.backend(),
     }

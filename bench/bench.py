@@ -10,10 +10,10 @@ Every stage keeps its result under --out and a rerun skips the stages already do
 interrupted benchmark loses at most the stage it was in. Needs `pip install ddddocr==1.6.1`.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -39,9 +39,10 @@ CURVE_STEPS = 800  # training steps for each learning-curve point (at least trai
 
 
 def python(script, *args, log, stdout=None):
-    """Runs one of the project's scripts as its own process -> wall-clock seconds."""
+    """Runs one of the project's scripts as its own process -> wall-clock seconds. Its stderr goes
+    to log, and its stdout too unless given a file of its own."""
     start = time.perf_counter()
-    with open(log, "w") as err, open(stdout or log, "a") as out:
+    with open(log, "w") as err, open(stdout, "w") if stdout else contextlib.nullcontext(err) as out:
         result = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], stdout=out, stderr=err,
                                 cwd=ROOT)
     seconds = time.perf_counter() - start
@@ -72,11 +73,13 @@ def train(spec, shared, out, mode, *settings):
         args += ["--set", f"train.epochs={spec['epochs'][mode]}"]
     for setting in settings:
         args += ["--set", setting]
+    if (run_dir / "model.keras").exists():
+        raise SystemExit(f"{run_dir} was trained, but its timing was not kept: remove it to train it again")
     seconds = python("train.py", *args, log=log)
-    trained = int(re.search(r"(\d+) to train", log.read_text()).group(1))
     with open(run_dir / "history.csv") as f:
         epochs = len(list(csv.DictReader(f)))
     metadata = json.loads((run_dir / "metadata.json").read_text())
+    trained = metadata["train_images"]
     return {"train_seconds": round(seconds, 1), "train_images": trained, "epochs_run": epochs,
             "epoch_chosen": metadata["epoch"], "train_images_per_second": round(trained * epochs / seconds, 1)}
 

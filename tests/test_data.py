@@ -91,6 +91,18 @@ def test_one_decode_gives_the_same_pixels_on_every_path(digits, tmp_path):
         np.testing.assert_array_equal(other, expected)
 
 
+def test_non_ascii_file_names_are_read_and_labelled(digits, tmp_path):
+    source = data.find_images(digits)[0]
+    (tmp_path / "验证码_2468.png").write_bytes(source.read_bytes())
+    (tmp_path / "képek").mkdir()
+    (tmp_path / "képek" / "1357_ü.png").write_bytes(source.read_bytes())
+    items, _ = data.labelled_files(tmp_path, None, None, "sensitive", 4, "0123456789")
+    assert sorted(label for _, label in items) == ["1357", "2468"]
+    images, _, failures = data.load_images([path for path, _ in items], SIZE)
+    assert not failures
+    np.testing.assert_array_equal(images[0], data.decode_image(source, SIZE))
+
+
 def test_cache_means_a_second_run_decodes_nothing(digits, tmp_path, monkeypatch):
     paths = data.find_images(digits)[:10]
     first, digests, failures = data.load_images(paths, SIZE, tmp_path)

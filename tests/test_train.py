@@ -58,10 +58,16 @@ def test_bad_labels_stop_training_naming_the_files(tmp_path, digits, cache_dir):
     for path in data.find_images(digits)[:10]:
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "12345_x.png").write_bytes(path.read_bytes())
-    result = run_script("train.py", "--set", f"data.dir={folder}", *[f"--set={o}" for o in overrides(
-        "data.charset=0123456789", cache_dir=cache_dir)], "--run-dir", tmp_path / "run")
+    settings = [f"--set={o}" for o in overrides("data.charset=0123456789", f"data.dir={folder}", cache_dir=cache_dir)]
+    result = run_script("train.py", *settings, "--run-dir", tmp_path / "run")
     assert_one_line_error(result, "1 of 11 labels", "12345_x.png", "length 7, not 4")
     assert not (tmp_path / "run").exists()
+    names = sorted(p.name for p in folder.iterdir())
+    (tmp_path / "labels.csv").write_text("filename,label\n" + "".join(
+        f"{name},{'12a4' if i == 3 else name[:4]}\n" for i, name in enumerate(names)))
+    result = run_script("train.py", *settings, f"--set=data.labels={tmp_path / 'labels.csv'}", "--run-dir",
+                        tmp_path / "run")
+    assert_one_line_error(result, "1 of 11 labels in", "labels.csv", f"{names[3]} '12a4' (characters not in the")
 
 
 def test_wrong_case_labels_point_to_the_case_policy(tmp_path, digits, cache_dir):
@@ -81,6 +87,18 @@ def test_wrong_case_labels_point_to_the_case_policy(tmp_path, digits, cache_dir)
 def test_missing_data_folder_is_one_clear_line(tmp_path):
     result = run_script("train.py", "--set", f"data.dir={tmp_path / 'nowhere'}", "--set", "model.weights=none")
     assert_one_line_error(result, "data folder not found", "nowhere")
+
+
+def test_other_backbones_get_their_own_input_scaling():
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    built, _ = model.build_model((32, 64), 5, 36, backbone="MobileNetV3Small", weights="none")
+    scaling = built.get_layer("normalise")
+    assert model.preprocessing_for("MobileNetV3Small") == "raw"  # it scales its own input
+    assert scaling.scale == [1.0] * 3 and scaling.offset == [0.0] * 3
+    assert [layer.name for layer in built.layers[-5:]] == [f"char_{i}" for i in range(1, 6)]
+    assert model.preprocessing_for("Xception") == "minus_one_to_one" and model.preprocessing_for("ResNet50") == "caffe"
 
 
 def test_local_weights_file_is_loaded(tmp_path):
