@@ -97,6 +97,8 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
+        if self.best <= 0:  # until a first captcha is read whole, a slow start is not a plateau
+            self.wait = 0
         if self.best_epoch == epoch and self.best_weights is not None:
             partial = self.weights_path.with_suffix(".partial")
             with open(partial, "wb") as f:

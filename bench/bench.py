@@ -180,8 +180,10 @@ def learning_curve(spec, shared, out, mode, full):
         epochs = max(spec["epochs"].get(mode, 12), -(-CURVE_STEPS // steps_per_epoch))
         where = out / f"n{count}"
         where.mkdir(parents=True, exist_ok=True)
+        # Epochs of a few steps each are too short to judge a plateau by: the held-out split
+        # still picks the best epoch, but patience spans the whole run.
         trained = stage(where / "train.json", lambda: train(spec, shared, where, mode, f"data.max_train_images={count}",
-                                                            f"train.epochs={epochs}"))
+                                                            f"train.epochs={epochs}", f"train.patience={epochs}"))
         scored = stage(where / "ours.json", lambda: evaluate(where / "run", where, shared / spec["labels_clean"]))
         points.append({"train_images": count, "epochs_run": trained["epochs_run"],
                        "whole_string_accuracy": scored["whole_string_accuracy"]})

@@ -167,3 +167,22 @@ def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path, digits, cache_di
     assert (tmp_path / "run" / "model.keras").exists()
 
 
+
+
+def test_early_stopping_waits_for_a_first_whole_read_then_stops_on_a_plateau(tmp_path):
+    """A run that reads nothing whole yet keeps training; once it reads some, patience counts."""
+    tiny = train.keras.Sequential([train.keras.Input((1,)), train.keras.layers.Dense(1)])
+    stopper = train.ResumableEarlyStopping(tmp_path, monitor=train.MONITOR, mode="max", patience=2,
+                                           restore_best_weights=True)
+    stopper.set_model(tiny)
+    tiny.stop_training = False
+    stopper.on_train_begin()
+    scores = [0.0] * 6 + [0.5, 0.5, 0.5]
+    stopped_after = None
+    for epoch, score in enumerate(scores):
+        stopper.on_epoch_end(epoch, {train.MONITOR: score})
+        if tiny.stop_training:
+            stopped_after = epoch
+            break
+    assert stopped_after == 8
+    assert stopper.best_epoch == 6
