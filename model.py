@@ -105,6 +105,16 @@ def resolve_precision(precision="auto"):
     return "mixed_bfloat16" if cpu_has_native_bfloat16() else "float32"
 
 
+def inference_precision(precision, trained):
+    """`auto` for reading: the precision the model was trained in, when this machine would train in
+    it too or it is float32, so that train.py's held-out score and evaluate.py's agree to the image;
+    otherwise (a model trained in float16 on a GPU, read on a CPU) what this machine computes best."""
+    if precision != "auto":
+        return precision
+    here = resolve_precision("auto")
+    return trained if trained in (here, "float32") else here
+
+
 def has_gpu():
     if keras.backend.backend() == "torch":
         import torch

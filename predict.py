@@ -44,7 +44,8 @@ class Reading(NamedTuple):
 class Recognizer:
     """A trained model with its metadata, which alone decides the charset, length and input size.
 
-    run_batch: uint8 array batch_size x H x W x 3 -> one array of probabilities per position."""
+    run_batch: uint8 array n x H x W x 3 -> one array of probabilities per position, where n is a
+    power of two up to batch_size (see padded_size)."""
 
     def __init__(self, run_batch, metadata, batch_size=DEFAULT_BATCH_SIZE):
         self.run_batch, self.metadata, self.batch_size = run_batch, metadata, batch_size
@@ -54,8 +55,7 @@ class Recognizer:
     def load(cls, path, batch_size=DEFAULT_BATCH_SIZE, precision="auto"):
         """path: a run directory, a .keras file or an export (.onnx, .tflite, SavedModel folder).
         precision, for a Keras model only (exports compute in float32): as train.precision; `auto`
-        computes in bfloat16 where the CPU does so natively (faster, and the same text on all but
-        rare near-ties)."""
+        computes as the model was trained where this machine allows (see model.inference_precision)."""
         path, form = Path(path), export_format(path)
         if form:
             if not path.exists():
@@ -64,23 +64,24 @@ class Recognizer:
             return cls(EXPORT_LOADERS[form](path, metadata, batch_size), metadata, batch_size)
         try:
             quiet_backend_startup()
-            from model import load_model, resolve_precision, with_precision
+            from model import inference_precision, load_model, with_precision
         except ImportError as e:
             raise UserError(f"reading a Keras model needs Keras and TensorFlow ({e}); an export made by export.py "
                             f"needs neither") from None
 
         model, metadata = load_model(path)
-        policy = resolve_precision(precision)
+        policy = inference_precision(precision, metadata.get("trained_precision", "float32"))
         model = model if policy == "float32" else with_precision(model, policy)
         return cls(model.predict_on_batch, metadata, batch_size)
 
     def probabilities(self, pixels):
-        """uint8 array N x H x W x 3 -> one N x classes array per position. Runs fixed-size batches,
-        padding the last, so that the model is compiled once and every batch is computed alike."""
+        """uint8 array N x H x W x 3 -> one N x classes array per position. Batches are padded to a
+        few fixed sizes, so that the model is compiled once for each and every batch is computed
+        alike, without ever computing many more images than there are."""
         outputs = []
         for start in range(0, len(pixels), self.batch_size):
             batch = pixels[start:start + self.batch_size]
-            padded = np.zeros((self.batch_size, *batch.shape[1:]), np.uint8)
+            padded = np.zeros((padded_size(len(batch), self.batch_size), *batch.shape[1:]), np.uint8)
             padded[:len(batch)] = batch
             outputs.append([np.asarray(p)[:len(batch)] for p in self.run_batch(padded)])
         if not outputs:
@@ -99,6 +100,12 @@ class Recognizer:
     def predict(self, images):
         """images: paths, bytes, PIL images or numpy arrays -> list of Reading. Raises data.ImageError."""
         return self.read(np.stack([data.decode_image(image, self.image_size) for image in images])) if images else []
+
+
+def padded_size(count, batch_size):
+    """The batch shape that count images are padded to: the smallest power of two that holds
+    them, at most batch_size."""
+    return min(batch_size, 1 << max(0, count - 1).bit_length())
 
 
 # ---------------------------------------------------------------- exported models
@@ -182,11 +189,12 @@ def load_tflite(path, metadata, batch_size):
     details = signature.get_output_details()
     outputs = [details[name]["index"] for name in by_position(list(details), metadata["length"], path)]
     del signature  # it holds the interpreter's internals, and resizing refuses while anything does
-    # The Recognizer always sends batch_size images: size the input for that once, not per batch.
-    interpreter.resize_tensor_input(pixels["index"], [batch_size, *pixels["shape"][1:]])
     interpreter.allocate_tensors()
 
     def run_batch(batch):
+        if interpreter.get_input_details()[0]["shape"][0] != len(batch):  # resized only when the batch shape changes
+            interpreter.resize_tensor_input(pixels["index"], list(batch.shape))
+            interpreter.allocate_tensors()
         interpreter.set_tensor(pixels["index"], batch)
         interpreter.invoke()
         return [interpreter.get_tensor(index) for index in outputs]
