@@ -72,7 +72,7 @@ class Recognizer:
         model, metadata = load_model(path)
         policy = inference_precision(precision, metadata.get("trained_precision", "float32"))
         model = model if policy == "float32" else with_precision(model, policy)
-        return cls(model.predict_on_batch, metadata, batch_size)
+        return cls(keras_batch_function(model), metadata, batch_size)
 
     def probabilities(self, pixels):
         """uint8 array N x H x W x 3 -> one N x classes array per position. Batches are padded to a
@@ -100,6 +100,12 @@ class Recognizer:
     def predict(self, images):
         """images: paths, bytes, PIL images or numpy arrays -> list of Reading. Raises data.ImageError."""
         return self.read(np.stack([data.decode_image(image, self.image_size) for image in images])) if images else []
+
+
+def keras_batch_function(model):
+    """A Keras model -> its run_batch. train.py scores the held-out split through it too, so that
+    the score it records is the one evaluate.py reports."""
+    return model.predict_on_batch
 
 
 def padded_size(count, batch_size):
