@@ -121,7 +121,13 @@ def validate(cfg):
               ("model.dropout", 0 <= model["dropout"] < 1), ("train.epochs", train["epochs"] >= 1),
               ("train.batch_size", train["batch_size"] >= 1), ("train.learning_rate", train["learning_rate"] > 0),
               ("train.patience", train["patience"] >= 0), ("train.label_smoothing", 0 <= train["label_smoothing"] < 1),
-              ("train.augment_shift", 0 <= train["augment_shift"] < 0.5)]
+              ("train.weight_decay", train["weight_decay"] >= 0), ("train.batchnorm_images", train["batchnorm_images"] >= 0),
+              ("train.augment_shift", 0 <= train["augment_shift"] < 0.5),
+              ("train.augment_rotate", 0 <= train["augment_rotate"] <= 45),
+              ("train.augment_scale", 0 <= train["augment_scale"] < 0.5),
+              ("train.augment_warp", 0 <= train["augment_warp"] < 0.5),
+              ("train.augment_blur", 0 <= train["augment_blur"] <= 5),
+              ("train.augment_noise", 0 <= train["augment_noise"] <= 0.5)]
     for key, ok in bounds:
         if not ok:
             raise UserError(f"{key} is out of range: {flatten(cfg)[key]!r}")

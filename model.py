@@ -41,19 +41,13 @@ def preprocessing_for(backbone):
 
 
 def build_model(image_size, length, num_classes, backbone="Xception", weights="imagenet", dropout=0.5,
-                weights_strict=False, augment_shift=0.0):
-    """-> (model, initialisation actually used: 'imagenet', 'random' or the weights file's path).
-
-    augment_shift > 0 adds random shifts of the image, active in training only."""
+                weights_strict=False):
+    """-> (model, initialisation actually used: 'imagenet', 'random' or the weights file's path)."""
     height, width = image_size
     pixels = keras.Input((height, width, 3), dtype="uint8", name="pixels")
-    x = pixels
-    if augment_shift:
-        x = layers.RandomTranslation(augment_shift, augment_shift, fill_mode="nearest", dtype="float32",
-                                     name="augment")(x)
     scale, offset = PREPROCESSING[preprocessing_for(backbone)]
     # float32 whatever the policy: pixel values need more than bfloat16's 8 bits of precision.
-    scaled = layers.Rescaling(list(scale), list(offset), dtype="float32", name="normalise")(x)
+    scaled = layers.Rescaling(list(scale), list(offset), dtype="float32", name="normalise")(pixels)
     features, initialisation = build_backbone(backbone, weights, scaled, weights_strict)
     x = layers.Dropout(dropout, name="dropout")(features)
     outputs = [layers.Dense(num_classes, activation="softmax", dtype="float32", name=f"char_{i}")(x)
@@ -92,6 +86,27 @@ def build_backbone(backbone, weights, inputs, weights_strict):
     for layer in network.layers:
         layer.trainable = True
     return network.output, source and (source if source == "imagenet" else str(Path(source).resolve())) or "random"
+
+
+def recompute_batchnorm(model, images, batch_size):
+    """Sets every BatchNormalization layer's moving statistics to the average of its batch
+    statistics over `images`, in training mode ("precise BN", as in pycls and Detectron).
+
+    During training, inference reads exponential moving averages (momentum 0.99) of statistics
+    that were computed under earlier weights. While the weights move fast, as they do from
+    random initialisation or on a small set, those averages trail far behind, and the model that
+    inference sees reads nothing right. No weight other than the statistics changes."""
+    norms = [layer for layer in model.layers if isinstance(layer, layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in norms]
+    batch_size = min(batch_size, len(images))
+    try:
+        for count, start in enumerate(range(0, len(images) - batch_size + 1, batch_size), 1):
+            for layer in norms:
+                layer.momentum = 1 - 1 / count  # a running mean: every batch weighs the same
+            model(images[start:start + batch_size], training=True)
+    finally:
+        for layer, momentum in zip(norms, momenta):
+            layer.momentum = momentum
 
 
 # ---------------------------------------------------------------- precision
@@ -136,7 +151,7 @@ def with_precision(model, policy):
     """A copy of model computing in `policy`. The input scaling and the softmax heads stay float32."""
     def clone(layer):
         config = layer.get_config()
-        if "dtype" in config and layer.name not in ("augment", "normalise") and not layer.name.startswith("char_"):
+        if "dtype" in config and layer.name != "normalise" and not layer.name.startswith("char_"):
             config["dtype"] = policy
         return layer.__class__.from_config(config)
 

@@ -6,6 +6,7 @@ Killed or interrupted, the same command resumes from the last completed epoch.
 """
 import argparse
 import contextlib
+import csv
 import datetime
 import importlib.util
 import json
@@ -13,10 +14,12 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import yaml
+from PIL import Image, ImageFilter
 
 from config import DEFAULTS_PATH, UserError, load_config, quiet_backend_startup, read_yaml, run
 
@@ -24,26 +27,30 @@ quiet_backend_startup()
 import keras  # noqa: E402
 
 import data  # noqa: E402
-from predict import Recognizer  # noqa: E402
-from model import MODEL_FILE, build_model, preprocessing_for, resolve_precision, save_model, with_precision  # noqa: E402
+from predict import Recognizer, keras_batch_function  # noqa: E402
+from model import (MODEL_FILE, build_model, preprocessing_for, recompute_batchnorm, resolve_precision,  # noqa: E402
+                   save_model, with_precision)
 
 MONITOR = "val_whole_string_accuracy"
+SELECTION = "val_selection_score"  # what early stopping maximises: see HeldOutAccuracy
 
 
 class Batches(keras.utils.PyDataset):
-    """Shuffled training batches gathered from the decoded uint8 array, with one-hot targets per head.
+    """Shuffled training batches gathered from the decoded uint8 array, with one-hot targets per head,
+    randomly distorted where `augmentation` asks (see distort).
 
     Every batch is full, so that it splits evenly over data-parallel replicas. With several
     processes feeding one global batch (JAX across hosts), each takes its own share of it."""
 
-    def __init__(self, images, indices, targets, num_classes, batch_size, seed, process=(0, 1), **kwargs):
+    def __init__(self, images, indices, targets, num_classes, batch_size, seed, process=(0, 1), augmentation=None,
+                 **kwargs):
         super().__init__(**kwargs)
         index, count = process
         self.images, self.targets, self.num_classes = images, targets, num_classes
         self.batch_size = batch_size // count
         self.indices = np.asarray(indices)[index::count]
-        self.rng = np.random.default_rng(seed)
-        self.order = self.rng.permutation(self.indices)
+        self.seed, self.epoch, self.augmentation = seed, 0, augmentation
+        self.order = np.random.default_rng([seed, 0]).permutation(self.indices)
         self.steps = max(1, len(indices) // batch_size)
 
     def __len__(self):
@@ -53,29 +60,85 @@ class Batches(keras.utils.PyDataset):
         # Sorted, so that a memory-mapped array is read in file order.
         batch = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
         x = self.images[batch]
+        if self.augmentation:  # a generator of its own per batch: batches are made in parallel threads
+            x = distort(x, np.random.default_rng([self.seed, self.epoch, i]), **self.augmentation)
         one_hot = np.eye(self.num_classes, dtype=np.float32)[self.targets[batch]]
         return x, tuple(one_hot[:, position] for position in range(one_hot.shape[1]))
 
     def on_epoch_end(self):
-        self.order = self.rng.permutation(self.indices)
+        self.epoch += 1
+        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(self.indices)
+
+
+def distort(pixels, rng, shift=0.0, rotate=0.0, scale=0.0, warp=0.0, blur=0.0, noise=0.0):
+    """Random changes of the kind one site's captchas differ by: each image is moved by up to
+    `shift` of its size, turned by up to `rotate` degrees, scaled by up to `scale`, warped by moving
+    the corners of a 2x4 mesh by up to `warp` of a cell, blurred with a radius up to `blur` pixels,
+    and given Gaussian noise of up to `noise` x 255. Uncovered pixels take the border's colour."""
+    height, width = pixels.shape[1:3]
+    out = np.empty_like(pixels)
+    for k, image in enumerate(pixels):
+        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
+        fill = tuple(int(v) for v in np.median(border, axis=0))
+        picture = Image.fromarray(image)
+        angle, zoom = np.radians(rng.uniform(-rotate, rotate)), 1 + rng.uniform(-scale, scale)
+        dx, dy = rng.uniform(-shift, shift) * width, rng.uniform(-shift, shift) * height
+        # Image.transform maps each output pixel back to the input: the inverse of turn, zoom, move.
+        cos, sin, cx, cy = np.cos(angle) / zoom, np.sin(angle) / zoom, width / 2, height / 2
+        picture = picture.transform((width, height), Image.Transform.AFFINE,
+                                    (cos, sin, cx - cos * (cx + dx) - sin * (cy + dy),
+                                     -sin, cos, cy + sin * (cx + dx) - cos * (cy + dy)),
+                                    Image.Resampling.BILINEAR, fillcolor=fill)
+        if warp:
+            rows, cols = 2, 4
+            xs = np.linspace(0, width, cols + 1)[None, :].repeat(rows + 1, 0)
+            ys = np.linspace(0, height, rows + 1)[:, None].repeat(cols + 1, 1)
+            inner = (slice(1, -1), slice(1, -1))  # the outline stays, so nothing leaves the frame
+            xs[inner] += rng.uniform(-warp, warp, xs[inner].shape) * width / cols
+            ys[inner] += rng.uniform(-warp, warp, ys[inner].shape) * height / rows
+            mesh = [((round(xs[0, c]), round(ys[r, 0]), round(xs[0, c + 1]), round(ys[r + 1, 0])),
+                     (xs[r, c], ys[r, c], xs[r + 1, c], ys[r + 1, c], xs[r + 1, c + 1], ys[r + 1, c + 1],
+                      xs[r, c + 1], ys[r, c + 1])) for r in range(rows) for c in range(cols)]
+            picture = picture.transform((width, height), Image.Transform.MESH, mesh, Image.Resampling.BILINEAR,
+                                        fillcolor=fill)
+        if blur:
+            picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0, blur)))
+        image = np.asarray(picture, dtype=np.float32)
+        if noise:
+            image = image + rng.normal(0, rng.uniform(0, noise) * 255, image.shape)
+        out[k] = np.clip(image, 0, 255)
+    return out
 
 
 class HeldOutAccuracy(keras.callbacks.Callback):
-    """After every epoch, scores the whole held-out split: whole-string and per-position accuracy."""
+    """After every epoch, first recomputes the BatchNorm statistics on training images (where
+    batchnorm_images is not 0), then scores the whole held-out split: whole-string and per-position
+    accuracy. It reads the held-out images in evaluate.py's order and batches, through the same
+    function, so that the score recorded for the chosen epoch is what evaluate.py reports."""
 
-    def __init__(self, images, indices, targets, metadata, batch_size):
+    def __init__(self, images, indices, targets, metadata, batchnorm_images, batch_size):
         super().__init__()
-        self.images, self.indices, self.truth = images, np.sort(indices), targets[np.sort(indices)]
-        self.metadata, self.batch_size = metadata, batch_size
+        self.images, self.indices, self.truth = images, indices, targets[indices]
+        self.metadata, self.batchnorm_images, self.batch_size = metadata, batchnorm_images, batch_size
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        recognizer = Recognizer(self.model.predict_on_batch, self.metadata, self.batch_size)
+        if len(self.batchnorm_images):
+            recompute_batchnorm(self.model, self.batchnorm_images, self.batch_size)
+        recognizer = Recognizer(keras_batch_function(self.model), self.metadata)
         chunks = [self.indices[i:i + 4096] for i in range(0, len(self.indices), 4096)]  # bounded memory
         predicted = np.concatenate([np.stack([p.argmax(axis=-1) for p in recognizer.probabilities(self.images[c])], 1)
                                     for c in chunks])
-        logs[MONITOR] = float(np.mean(np.all(predicted == self.truth, axis=1)))
-        for position, accuracy in enumerate(np.mean(predicted == self.truth, axis=0), 1):
+        whole, per_position = np.all(predicted == self.truth, axis=1), np.mean(predicted == self.truth, axis=0)
+        logs[MONITOR] = float(np.mean(whole))
+        for position, accuracy in enumerate(per_position, 1):
             logs[f"val_char_{position}_accuracy"] = float(accuracy)
+        # Early stopping keeps the epoch that reads the most captchas whole, and among equals the
+        # one that reads the most characters: a small set's first epochs read none whole, yet learn.
+        logs[SELECTION] = float(np.sum(whole) + np.mean(per_position))
+        logs["epoch_seconds"] = round(time.perf_counter() - self.started, 1)
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -97,8 +160,6 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
-        if self.best <= 0:  # until a first captcha is read whole, a slow start is not a plateau
-            self.wait = 0
         if self.best_epoch == epoch and self.best_weights is not None:
             partial = self.weights_path.with_suffix(".partial")
             with open(partial, "wb") as f:
@@ -249,6 +310,8 @@ def prepare_data(cfg):
     targets = data.encode([label for _, label in good], charset)
     train_idx, test_idx = data.split_train_test([digests[i] for i in valid], d["test_fraction"], d["seed"])
     train_idx, test_idx = valid[train_idx], valid[test_idx]
+    # The held-out split in evaluate.py's order, by file name, so that both read it in the same batches.
+    test_idx = np.array(sorted(test_idx, key=lambda i: relative_name(good[i][0], root)), dtype=np.int64)
     if d["max_train_images"]:
         train_idx = np.sort(np.random.default_rng(d["seed"]).permutation(train_idx)[:d["max_train_images"]])
 
@@ -273,21 +336,25 @@ def prepare_data(cfg):
             "train": train_idx, "test": test_idx}
 
 
+def relative_name(path, root):
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
 def write_test_split(path, dataset):
     """filename,label rows relative to data.dir: the label-CSV format, so evaluate.py reads it like any other."""
-    import csv
-
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["filename", "label"])
         for i in dataset["test"]:
             item_path, label = dataset["items"][i]
-            writer.writerow([os.path.relpath(item_path, dataset["root"]).replace(os.sep, "/"), label])
+            writer.writerow([relative_name(item_path, dataset["root"]), label])
 
 
 # ---------------------------------------------------------------- training
 
-def train(cfg, run_dir=None):
+def train(cfg, run_dir=None, extra_callbacks=()):
+    """Trains, saves and returns the run directory. extra_callbacks run first after every epoch,
+    before the held-out split is scored (the benchmarks add diagnostics there)."""
     cfg = resolved(cfg)
     d, m, t = cfg["data"], cfg["model"], cfg["train"]
     # First: TensorFlow's strategies must exist before anything else runs on a device.
@@ -310,14 +377,18 @@ def train(cfg, run_dir=None):
     charset = dataset["charset"]
     # train.batch_size is per device; Adam's learning rate follows the square-root scaling rule.
     batch_size, learning_rate = t["batch_size"] * replicas, t["learning_rate"] * math.sqrt(replicas)
+    augmentation = {name: t[f"augment_{name}"] for name in ("shift", "rotate", "scale", "warp", "blur", "noise")}
     batches = Batches(dataset["images"], dataset["train"], dataset["targets"], len(charset), batch_size, d["seed"],
-                      (process, processes) if feeds_share else (0, 1), workers=2)
+                      (process, processes) if feeds_share else (0, 1), augmentation if any(augmentation.values())
+                      else None, workers=2)
     with scope:
         model, initialisation = build_model(d["image_size"], d["length"], len(charset), m["backbone"], m["weights"],
-                                            m["dropout"], m["weights_strict"], t["augment_shift"])
+                                            m["dropout"], m["weights_strict"])
         schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=t["epochs"] * len(batches))
+        optimizer = (keras.optimizers.AdamW(schedule, weight_decay=t["weight_decay"]) if t["weight_decay"]
+                     else keras.optimizers.Adam(schedule))
         model.compile(
-            optimizer=keras.optimizers.Adam(schedule),
+            optimizer=optimizer,
             loss=[keras.losses.CategoricalCrossentropy(label_smoothing=t["label_smoothing"])] * d["length"],
             metrics=[["accuracy"]] * d["length"],
         )
@@ -325,11 +396,14 @@ def train(cfg, run_dir=None):
           f"input {d['image_size'][0]}x{d['image_size'][1]}, {model.count_params():,} parameters; "
           f"batch {batch_size} over {replicas} device{'s' if replicas > 1 else ''}")
 
-    early_stopping = ResumableEarlyStopping(run_dir, monitor=MONITOR, mode="max", patience=t["patience"],
+    early_stopping = ResumableEarlyStopping(run_dir, monitor=SELECTION, mode="max", patience=t["patience"],
                                             restore_best_weights=True)
     shape = {"image_size": d["image_size"], "charset": charset, "length": d["length"]}
+    sample = np.random.default_rng(d["seed"]).permutation(dataset["train"])[:t["batchnorm_images"]]
     callbacks = [
-        HeldOutAccuracy(dataset["images"], dataset["test"], dataset["targets"], shape, batch_size),
+        *extra_callbacks,
+        HeldOutAccuracy(dataset["images"], dataset["test"], dataset["targets"], shape,
+                        dataset["images"][np.sort(sample)], batch_size),
         # Both before the backup: a kill between them and it repeats an epoch, never skips one.
         early_stopping,
         keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
@@ -343,6 +417,8 @@ def train(cfg, run_dir=None):
     model.fit(batches, epochs=t["epochs"], callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
 
     chosen = early_stopping.best_epoch + 1
+    with open(run_dir / "history.csv", newline="") as f:
+        held_out_accuracy = float(next(row for row in csv.DictReader(f) if int(row["epoch"]) == chosen - 1)[MONITOR])
     metadata = {
         "charset": charset, "length": d["length"], "image_size": d["image_size"], "case": d["case"],
         "label_pattern": d["label_pattern"], "backbone": m["backbone"], "initialisation": initialisation,
@@ -350,7 +426,9 @@ def train(cfg, run_dir=None):
                          f"images resized to image_size by data.decode_image (bilinear)",
         "decode_version": data.DECODE_VERSION, "trained_precision": policy, "epoch": chosen,
         "train_images": len(dataset["train"]), "held_out_images": len(dataset["test"]),
-        "held_out_whole_string_accuracy": early_stopping.best, "keras": keras.__version__,
+        "held_out_whole_string_accuracy": held_out_accuracy, "batchnorm": (
+            f"statistics recomputed over {len(sample)} training images" if len(sample) else "moving averages"),
+        "keras": keras.__version__,
         "backend": keras.backend.backend(),
     }
     save_model(with_precision(model, "float32"), run_dir / MODEL_FILE, metadata)
@@ -358,7 +436,7 @@ def train(cfg, run_dir=None):
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
     for state in ("early_stopping.json", "best.weights.npz"):
         (run_dir / state).unlink(missing_ok=True)
-    print(f"chose epoch {chosen} of {t['epochs']}: held-out whole-string accuracy {early_stopping.best:.4f}")
+    print(f"chose epoch {chosen} of {t['epochs']}: held-out whole-string accuracy {held_out_accuracy:.4f}")
     print(f"saved in {run_dir}: {MODEL_FILE} (model and metadata), metadata.json, config.yaml, test_split.csv, "
           f"history.csv{', tensorboard/' if tensorboard else ''}")
     return run_dir

@@ -167,22 +167,66 @@ def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path, digits, cache_di
     assert (tmp_path / "run" / "model.keras").exists()
 
 
-
-
-def test_early_stopping_waits_for_a_first_whole_read_then_stops_on_a_plateau(tmp_path):
-    """A run that reads nothing whole yet keeps training; once it reads some, patience counts."""
+def test_early_stopping_counts_characters_while_no_captcha_is_read_whole(tmp_path):
+    """A small set's first epochs read no captcha whole, yet learn: patience follows the characters
+    read until whole reads come, and then the whole reads; the best epoch is the one kept."""
     tiny = train.keras.Sequential([train.keras.Input((1,)), train.keras.layers.Dense(1)])
-    stopper = train.ResumableEarlyStopping(tmp_path, monitor=train.MONITOR, mode="max", patience=2,
+    stopper = train.ResumableEarlyStopping(tmp_path, monitor=train.SELECTION, mode="max", patience=2,
                                            restore_best_weights=True)
     stopper.set_model(tiny)
     tiny.stop_training = False
     stopper.on_train_begin()
-    scores = [0.0] * 6 + [0.5, 0.5, 0.5]
+    # (captchas read whole, mean per-position accuracy) after each epoch
+    epochs = [(0, 0.1), (0, 0.2), (0, 0.3), (0, 0.4), (0, 0.5), (3, 0.6), (3, 0.55), (3, 0.58), (2, 0.9)]
     stopped_after = None
-    for epoch, score in enumerate(scores):
-        stopper.on_epoch_end(epoch, {train.MONITOR: score})
+    for epoch, (whole, characters) in enumerate(epochs):
+        stopper.on_epoch_end(epoch, {train.SELECTION: whole + characters})
         if tiny.stop_training:
             stopped_after = epoch
             break
-    assert stopped_after == 8
-    assert stopper.best_epoch == 6
+    assert stopped_after == 7 and stopper.best_epoch == 5
+
+
+def colour_coded(folder, count, seed=0):
+    """Captchas of two characters from '0123', each drawn as its half of the image in a grey level of
+    its own: learnt in a few steps, so that a tiny run can show the model inference sees."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        label = "".join(rng.choice(list("0123"), 2))
+        pixels = np.concatenate([np.full((32, 32), 30 + 65 * int(c)) for c in label], axis=1)
+        pixels = np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).convert("RGB").save(folder / f"{label}_{i:03d}.png")
+    return folder
+
+
+def test_inference_reads_training_images_as_fit_does_and_the_recorded_score_is_evaluates(tmp_path, cache_dir):
+    """The guard against BatchNorm statistics that trail the weights: the saved model, in inference
+    mode, reads the training images about as well as fit reported while training on them. And the
+    held-out accuracy train.py records is what evaluate.py reports for the saved model."""
+    import evaluate
+    from predict import Recognizer
+
+    folder = colour_coded(tmp_path / "coded", 96)
+    cfg = config.load_config(None, overrides(f"data.dir={folder}", "data.length=2", "train.epochs=4",
+                                             "train.batch_size=8", "train.patience=4", "data.test_fraction=0.25",
+                                             "train.batchnorm_images=64", cache_dir=cache_dir))
+    run_dir = train.train(cfg, tmp_path / "run")
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    with open(run_dir / "history.csv") as f:
+        chosen = next(row for row in csv.DictReader(f) if int(row["epoch"]) == metadata["epoch"] - 1)
+    fit_accuracy = np.mean([float(chosen[f"char_{i}_accuracy"]) for i in (1, 2)])
+    assert fit_accuracy > 0.6, "the tiny run must learn its training images (chance: 0.25) for this test to mean anything"
+    held_out, _ = data.read_labels_csv(run_dir / "test_split.csv", folder)
+    training = [p for p in data.find_images(folder) if p.name not in held_out]
+    readings = Recognizer.load(run_dir).predict(training)
+    inference_accuracy = np.mean([r.text[i] == p.name[i] for r, p in zip(readings, training) for i in (0, 1)])
+    assert inference_accuracy > fit_accuracy - 0.1
+
+    recognizer = Recognizer.load(run_dir)
+    root, items, _, _ = evaluate.held_out_items(run_dir, None, "sensitive")
+    report, _ = evaluate.evaluate(recognizer, items, root)
+    assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
+    assert report["per_position_accuracy"] == [float(chosen[f"val_char_{i}_accuracy"]) for i in (1, 2)]
