@@ -55,6 +55,21 @@ def build_model(image_size, length, num_classes, backbone="Xception", weights="i
     return keras.Model(pixels, outputs, name=f"captcha_{backbone.lower()}"), initialisation
 
 
+def copy_weights(source, target, heads):
+    """Copies the weights of source, a model made by build_model with the same backbone, into target,
+    layer by layer in order; the heads (char_N) too when `heads`. The input sizes may differ: no
+    weight depends on them."""
+    def body(model):
+        return [layer for layer in model.layers if layer.weights and not layer.name.startswith("char_")]
+
+    for mine, theirs in zip(body(target), body(source), strict=True):
+        mine.set_weights(theirs.get_weights())
+    if heads:
+        for layer in target.layers:
+            if layer.name.startswith("char_"):
+                layer.set_weights(source.get_layer(layer.name).get_weights())
+
+
 def build_backbone(backbone, weights, inputs, weights_strict):
     """Passing the input as a tensor skips keras.applications' minimum-size check (71 for
     Xception): the network only needs each side to survive its 32x downsampling."""

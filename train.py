@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from PIL import Image, ImageFilter
+from tqdm import tqdm
 
 from config import DEFAULTS_PATH, UserError, load_config, quiet_backend_startup, read_yaml, run
 
@@ -28,8 +29,8 @@ import keras  # noqa: E402
 
 import data  # noqa: E402
 from predict import Recognizer, keras_batch_function  # noqa: E402
-from model import (MODEL_FILE, build_model, preprocessing_for, recompute_batchnorm, resolve_precision,  # noqa: E402
-                   save_model, with_precision)
+from model import (MODEL_FILE, build_model, copy_weights, load_model, model_path, preprocessing_for,  # noqa: E402
+                   read_metadata, recompute_batchnorm, resolve_precision, save_model, with_precision)
 
 MONITOR = "val_whole_string_accuracy"
 SELECTION = "val_selection_score"  # what early stopping maximises: see HeldOutAccuracy
@@ -142,16 +143,23 @@ class HeldOutAccuracy(keras.callbacks.Callback):
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """EarlyStopping whose best score, patience count and best weights survive a restart:
-    they are written to state_dir after every epoch and read back when training resumes."""
+    """EarlyStopping whose best score, patience count and best weights survive a restart, and
+    carry over from one self-training round to the next: they are written to state_dir after
+    every epoch and read back when training resumes. A new round starts its patience afresh."""
 
     def __init__(self, state_dir, **kwargs):
         super().__init__(**kwargs)
         self.state_path = Path(state_dir) / "early_stopping.json"
         self.weights_path = Path(state_dir) / "best.weights.npz"
+        self.new_round = False
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
+        self.restore()
+        if self.new_round:
+            self.wait = 0
+
+    def restore(self):
         if self.state_path.exists():
             state = json.loads(self.state_path.read_text())
             self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
@@ -227,8 +235,9 @@ def resolved(cfg):
     """The config with paths made absolute, as saved in the run directory."""
     cfg = json.loads(json.dumps(cfg))
     cfg["data"]["dir"] = os.path.abspath(cfg["data"]["dir"])
-    if cfg["data"]["labels"]:
-        cfg["data"]["labels"] = os.path.abspath(cfg["data"]["labels"])
+    for key in ("labels", "unlabelled"):
+        if cfg["data"][key]:
+            cfg["data"][key] = os.path.abspath(cfg["data"][key])
     cfg["data"]["cache_dir"] = os.path.abspath(os.path.expanduser(cfg["data"]["cache_dir"]))
     if cfg["model"]["weights"] not in ("imagenet", "none"):
         cfg["model"]["weights"] = os.path.abspath(cfg["model"]["weights"])
@@ -279,8 +288,9 @@ def flat(cfg):
 
 # ---------------------------------------------------------------- data
 
-def prepare_data(cfg):
-    """Reads, checks and decodes the data set; prints a short report."""
+def prepare_data(cfg, charset_hint=None):
+    """Reads, checks and decodes the data set; prints a short report. Without data.charset, the
+    charset is charset_hint (a continued run's) when every label fits it, else inferred."""
     d = cfg["data"]
     root = Path(d["dir"])
     if not root.exists() and d["dir"] == os.path.abspath(read_yaml(DEFAULTS_PATH)["data"]["dir"]):
@@ -301,7 +311,9 @@ def prepare_data(cfg):
         source = d["labels"] or "file names"
         raise UserError(f"{len(bad)} of {len(items)} labels in {source} do not fit data.length={d['length']}"
                         f"{' and data.charset' if d['charset'] else ''}: {data.describe(bad, root)}{hint}")
-    charset = d["charset"] or data.infer_charset([label for _, label in good])
+    labels = [label for _, label in good]
+    fits_hint = charset_hint is not None and set("".join(labels)) <= set(charset_hint)
+    charset = d["charset"] or (charset_hint if fits_hint else data.infer_charset(labels))
     paths = [path for path, _ in good]
     images, digests, failures = data.load_images(paths, d["image_size"], d["cache_dir"], desc=f"decoding {root}")
     valid = np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64)
@@ -315,8 +327,9 @@ def prepare_data(cfg):
     if d["max_train_images"]:
         train_idx = np.sort(np.random.default_rng(d["seed"]).permutation(train_idx)[:d["max_train_images"]])
 
+    charset_source = "" if d["charset"] else ", the continued run's" if fits_hint else ", inferred"
     print(f"data: {len(valid)} images from {root}, labels from {d['labels'] or 'file names'}; "
-          f"charset {charset!r} ({len(charset)} characters{', inferred' if not d['charset'] else ''}), "
+          f"charset {charset!r} ({len(charset)} characters{charset_source}), "
           f"length {d['length']}; {len(train_idx)} to train, {len(test_idx)} held out")
     if failures:
         first = "; ".join(f"{data.shown_path(paths[i], root)} ({why})" for i, why in list(failures.items())[:3])
@@ -333,7 +346,83 @@ def prepare_data(cfg):
     for note in notes:
         print(f"  note: {note}")
     return {"root": root, "items": good, "images": images, "targets": targets, "charset": charset,
-            "train": train_idx, "test": test_idx}
+            "train": train_idx, "test": test_idx, "digests": [digests[i] for i in valid]}
+
+
+def read_unlabelled(cfg, dataset):
+    """data.unlabelled's images, decoded like the labelled ones, less those that are labelled
+    images already: a held-out image above all is never pseudo-labelled."""
+    d = cfg["data"]
+    root = Path(d["unlabelled"])
+    if not root.is_dir():
+        raise UserError(f"data.unlabelled: folder not found: {root}")
+    paths = data.find_images(root)
+    if not paths:
+        raise UserError(f"data.unlabelled: no images (jpg, jpeg, png, gif, bmp, webp) in {root}")
+    images, digests, failures = data.load_images(paths, d["image_size"], d["cache_dir"], desc=f"decoding {root}")
+    labelled = set(dataset["digests"])
+    keep = [i for i in range(len(paths)) if i not in failures and digests[i] not in labelled]
+    print(f"unlabelled: {len(keep)} images from {root} for self-training")
+    if failures:
+        first = "; ".join(f"{data.shown_path(paths[i], root)} ({why})" for i, why in list(failures.items())[:3])
+        print(f"  note: {len(failures)} unreadable images skipped: {first}")
+    if len(paths) - len(failures) > len(keep):
+        print(f"  note: {len(paths) - len(failures) - len(keep)} are labelled images already (in data.dir), skipped")
+    return {"root": root, "paths": [paths[i] for i in keep], "images": images[keep]}
+
+
+def with_pseudo_labels(model, dataset, unlabelled, metadata, round_, threshold, run_dir):
+    """Self-training: reads the unlabelled images with the best model so far, and takes the readings
+    at or above threshold as labels, kept in pseudo_labels.csv. -> (images, targets, training
+    indices) of the labelled training images and the pseudo-labelled ones. A resumed round reads
+    its pseudo-labels back from the CSV, so that it goes on with the same ones."""
+    path, fields = run_dir / "pseudo_labels.csv", ["filename", "label", "confidence", "round"]
+    rows = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["round"]) <= round_]
+    names = [relative_name(p, unlabelled["root"]) for p in unlabelled["paths"]]
+    if not any(int(row["round"]) == round_ for row in rows):
+        recognizer = Recognizer(keras_batch_function(model), metadata)
+        readings = [reading for start in tqdm(range(0, len(names), 1024), desc=f"round {round_}: reading unlabelled",
+                                              unit="chunk")
+                    for reading in recognizer.read(unlabelled["images"][start:start + 1024])]
+        rows += [{"filename": name, "label": r.text, "confidence": f"{r.confidence:.6f}", "round": round_}
+                 for name, r in zip(names, readings) if r.confidence >= threshold]
+        with open(path.with_suffix(".partial"), "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(path.with_suffix(".partial"), path)
+    position = {name: i for i, name in enumerate(names)}
+    taken = [(position[row["filename"]], row["label"]) for row in rows if int(row["round"]) == round_]
+    print(f"self-training round {round_}: {len(taken)} of {len(names)} unlabelled captchas read with confidence "
+          f">= {threshold} join the {len(dataset['train'])} labelled ones (see {path.name})")
+    chosen = np.array([i for i, _ in taken], dtype=np.int64)
+    pseudo_targets = np.zeros((len(names), dataset["targets"].shape[1]), dtype=dataset["targets"].dtype)
+    if taken:
+        pseudo_targets[chosen] = data.encode([label for _, label in taken], dataset["charset"])
+    return (np.concatenate([dataset["images"], unlabelled["images"]]),
+            np.concatenate([dataset["targets"], pseudo_targets]),
+            np.concatenate([dataset["train"], len(dataset["images"]) + chosen]))
+
+
+def continued_run(m):
+    """The finished run that model.weights names, by its directory or its .keras file ->
+    {path, charset, length}; None when model.weights is imagenet, none or a backbone weights file."""
+    if m["weights"] in ("imagenet", "none"):
+        return None
+    path = Path(m["weights"])
+    if not (path.is_dir() or path.suffix == ".keras"):
+        return None
+    try:
+        metadata = read_metadata(path)
+    except UserError as e:
+        raise UserError(f"model.weights: {e}") from None
+    if metadata["backbone"] != m["backbone"]:
+        raise UserError(f"model.weights: {path} was trained with model.backbone={metadata['backbone']}, not "
+                        f"{m['backbone']}; set model.backbone={metadata['backbone']} to continue from it")
+    return {"path": str(model_path(path)), "charset": metadata["charset"], "length": metadata["length"]}
 
 
 def relative_name(path, root):
@@ -365,7 +454,9 @@ def train(cfg, run_dir=None, extra_callbacks=()):
         if process:  # the first process writes the run; the others keep their own files beside it
             run_dir = Path(f"{run_dir}.worker_{process}")
     run_dir, resuming = choose_run_dir(cfg, run_dir)
-    dataset = prepare_data(cfg)
+    source = continued_run(m)
+    dataset = prepare_data(cfg, source["charset"] if source else None)
+    unlabelled = read_unlabelled(cfg, dataset) if d["unlabelled"] else None
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     write_test_split(run_dir / "test_split.csv", dataset)
@@ -377,21 +468,16 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     charset = dataset["charset"]
     # train.batch_size is per device; Adam's learning rate follows the square-root scaling rule.
     batch_size, learning_rate = t["batch_size"] * replicas, t["learning_rate"] * math.sqrt(replicas)
-    augmentation = {name: t[f"augment_{name}"] for name in ("shift", "rotate", "scale", "warp", "blur", "noise")}
-    batches = Batches(dataset["images"], dataset["train"], dataset["targets"], len(charset), batch_size, d["seed"],
-                      (process, processes) if feeds_share else (0, 1), augmentation if any(augmentation.values())
-                      else None, workers=2)
     with scope:
-        model, initialisation = build_model(d["image_size"], d["length"], len(charset), m["backbone"], m["weights"],
-                                            m["dropout"], m["weights_strict"])
-        schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=t["epochs"] * len(batches))
-        optimizer = (keras.optimizers.AdamW(schedule, weight_decay=t["weight_decay"]) if t["weight_decay"]
-                     else keras.optimizers.Adam(schedule))
-        model.compile(
-            optimizer=optimizer,
-            loss=[keras.losses.CategoricalCrossentropy(label_smoothing=t["label_smoothing"])] * d["length"],
-            metrics=[["accuracy"]] * d["length"],
-        )
+        model, initialisation = build_model(d["image_size"], d["length"], len(charset), m["backbone"],
+                                            "none" if source else m["weights"], m["dropout"], m["weights_strict"])
+        if source:
+            heads = source["charset"] == charset and source["length"] == d["length"]
+            copy_weights(load_model(source["path"])[0], model, heads)
+            initialisation = f"{source['path']} ({'every layer' if heads else 'backbone only'})"
+            print(f"continuing from {source['path']}: " + ("every weight, heads included" if heads else
+                  f"the backbone's weights, with new heads, as the {'charset' if source['charset'] != charset else 'length'} "
+                  f"changed ({source['charset']!r} x {source['length']} -> {charset!r} x {d['length']})"))
     print(f"model: {m['backbone']} from {initialisation} weights, {policy} precision, "
           f"input {d['image_size'][0]}x{d['image_size'][1]}, {model.count_params():,} parameters; "
           f"batch {batch_size} over {replicas} device{'s' if replicas > 1 else ''}")
@@ -400,21 +486,52 @@ def train(cfg, run_dir=None, extra_callbacks=()):
                                             restore_best_weights=True)
     shape = {"image_size": d["image_size"], "charset": charset, "length": d["length"]}
     sample = np.random.default_rng(d["seed"]).permutation(dataset["train"])[:t["batchnorm_images"]]
-    callbacks = [
-        *extra_callbacks,
-        HeldOutAccuracy(dataset["images"], dataset["test"], dataset["targets"], shape,
-                        dataset["images"][np.sort(sample)], batch_size),
-        # Both before the backup: a kill between them and it repeats an epoch, never skips one.
-        early_stopping,
-        keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), double_checkpoint=True, delete_checkpoint=False),
-    ]
+    held_out = HeldOutAccuracy(dataset["images"], dataset["test"], dataset["targets"], shape,
+                               dataset["images"][np.sort(sample)], batch_size)
     tensorboard = importlib.util.find_spec("tensorboard") is not None  # absent where the backend is not TensorFlow
-    if tensorboard:
-        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
-    if resuming:
-        trim_history(run_dir / "history.csv", completed_epochs(run_dir / "backup"))
-    model.fit(batches, epochs=t["epochs"], callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+    rounds = t["self_training_rounds"] if unlabelled else 0
+    progress_path = run_dir / "rounds.json"  # rounds completed, and the epochs they ran
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"rounds": 0, "epochs": 0}
+    if progress["rounds"]:  # killed after a round had ended: go on from the best weights so far
+        early_stopping.restore()
+        model.set_weights(early_stopping.best_weights)
+    images, targets, train_indices = dataset["images"], dataset["targets"], dataset["train"]
+    for round_ in range(progress["rounds"], rounds + 1):
+        if round_:  # self-training: the unlabelled images read surely enough join the labelled ones
+            images, targets, train_indices = with_pseudo_labels(model, dataset, unlabelled, shape, round_,
+                                                                t["pseudo_label_confidence"], run_dir)
+        batches = Batches(images, train_indices, targets, len(charset), batch_size, d["seed"] + round_,
+                          (process, processes) if feeds_share else (0, 1), augmentation(t), workers=2)
+        # A small set's epochs are short: it trains for at least train.min_steps steps.
+        epochs = max(t["epochs"], math.ceil(t["min_steps"] / len(batches)))
+        with scope:
+            schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epochs * len(batches))
+            optimizer = (keras.optimizers.AdamW(schedule, weight_decay=t["weight_decay"]) if t["weight_decay"]
+                         else keras.optimizers.Adam(schedule))
+            model.compile(
+                optimizer=optimizer,
+                loss=[keras.losses.CategoricalCrossentropy(label_smoothing=t["label_smoothing"])] * d["length"],
+                metrics=[["accuracy"]] * d["length"],
+            )
+        backup = run_dir / ("backup" if round_ == 0 else f"backup_round_{round_}")
+        callbacks = [
+            *extra_callbacks,
+            held_out,
+            # Both before the backup: a kill between them and it repeats an epoch, never skips one.
+            early_stopping,
+            keras.callbacks.CSVLogger(str(run_dir / "history.csv"), append=True),
+            keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True, delete_checkpoint=False),
+        ]
+        if tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
+        trim_history(run_dir / "history.csv", completed_epochs(backup) or progress["epochs"])
+        early_stopping.new_round = round_ > 0 and not completed_epochs(backup)
+        model._initial_epoch = None  # fit keeps the epoch a previous round's BackupAndRestore resumed at
+        model.fit(batches, initial_epoch=progress["epochs"], epochs=progress["epochs"] + epochs, callbacks=callbacks,
+                  verbose=1 if sys.stdout.isatty() else 2)
+        with open(run_dir / "history.csv", newline="") as f:
+            progress = {"rounds": round_ + 1, "epochs": len(list(csv.DictReader(f)))}
+        data.write_atomically(progress_path, json.dumps(progress))
 
     chosen = early_stopping.best_epoch + 1
     with open(run_dir / "history.csv", newline="") as f:
@@ -428,18 +545,27 @@ def train(cfg, run_dir=None, extra_callbacks=()):
         "train_images": len(dataset["train"]), "held_out_images": len(dataset["test"]),
         "held_out_whole_string_accuracy": held_out_accuracy, "batchnorm": (
             f"statistics recomputed over {len(sample)} training images" if len(sample) else "moving averages"),
-        "keras": keras.__version__,
-        "backend": keras.backend.backend(),
+        "continued_from": source and {"model": source["path"], "heads": "kept" if heads else "new"},
+        "self_training": unlabelled and {"unlabelled": d["unlabelled"], "rounds": rounds,
+                                         "pseudo_label_confidence": t["pseudo_label_confidence"]},
+        "keras": keras.__version__, "backend": keras.backend.backend(),
     }
     save_model(with_precision(model, "float32"), run_dir / MODEL_FILE, metadata)
     data.write_atomically(run_dir / "metadata.json", json.dumps(metadata, indent=2))
-    shutil.rmtree(run_dir / "backup", ignore_errors=True)
-    for state in ("early_stopping.json", "best.weights.npz"):
+    for state in ("backup", *(f"backup_round_{r}" for r in range(1, rounds + 1))):
+        shutil.rmtree(run_dir / state, ignore_errors=True)
+    for state in ("early_stopping.json", "best.weights.npz", "rounds.json"):
         (run_dir / state).unlink(missing_ok=True)
-    print(f"chose epoch {chosen} of {t['epochs']}: held-out whole-string accuracy {held_out_accuracy:.4f}")
+    print(f"chose epoch {chosen} of {progress['epochs']}: held-out whole-string accuracy {held_out_accuracy:.4f}")
     print(f"saved in {run_dir}: {MODEL_FILE} (model and metadata), metadata.json, config.yaml, test_split.csv, "
-          f"history.csv{', tensorboard/' if tensorboard else ''}")
+          f"history.csv{', pseudo_labels.csv' if unlabelled else ''}{', tensorboard/' if tensorboard else ''}")
     return run_dir
+
+
+def augmentation(t):
+    """The distort() settings of the config, or None when every one is off."""
+    settings = {name: t[f"augment_{name}"] for name in ("shift", "rotate", "scale", "warp", "blur", "noise")}
+    return settings if any(settings.values()) else None
 
 
 def main(argv=None):

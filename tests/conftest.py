@@ -15,7 +15,8 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 
-TINY = ["data.image_size=[32,64]", "model.weights=none", "train.batch_size=16", "train.precision=float32"]
+TINY = ["data.image_size=[32,64]", "model.weights=none", "train.batch_size=16", "train.precision=float32",
+        "train.min_steps=0"]
 
 
 def overrides(*extra, cache_dir):
