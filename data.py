@@ -31,8 +31,8 @@ from config import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # Captchas are small: refuse larger images from their header, before decoding them.
 MAX_PIXELS = 4096 * 4096
-# Part of the cache key: bump it whenever decode_image's output changes.
-DECODE_VERSION = 1
+# Part of the cache key: bump it whenever decode_image's output or the cached digests change.
+DECODE_VERSION = 2
 SYNTH_CHARSET = string.digits + string.ascii_uppercase
 SYNTH_COUNT = 10_000
 
@@ -100,17 +100,28 @@ def array_to_image(array):
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ImageError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, not {array.shape}")
-    if array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8)
-    return Image.fromarray(array)
+    return Image.fromarray(array if array.dtype == np.uint8 else to_8_bits(array))
+
+
+def to_8_bits(values):
+    """Pixels of any other depth -> uint8, one rule for arrays and files: floats (and booleans) up to 1
+    are fractions of white; otherwise values up to 255 are 8-bit and up to 65535 16-bit. Anything
+    else is refused, never clipped."""
+    values = np.asarray(values)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if values.dtype.kind in "fb" and 0 <= low and high <= 1:
+        peak = 1.0
+    elif 0 <= low and high <= 65535:  # NaN fails these comparisons too
+        peak = 255.0 if high <= 255 else 65535.0
+    else:
+        raise ImageError(f"pixel values from {low:g} to {high:g}: expected 0..255, 0..65535, or floats in 0..1")
+    return np.round(values.astype(np.float64) * (255.0 / peak)).astype(np.uint8)
 
 
 def to_rgb(image):
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit and float grayscale: scale the full range to 8 bits instead of clipping it.
-        values = np.asarray(image, dtype=np.float32)
-        peak = 65535.0 if values.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).astype(np.uint8))
+        image = Image.fromarray(to_8_bits(np.asarray(image)))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):

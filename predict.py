@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -98,8 +99,14 @@ class Recognizer:
                 for text, conf in zip(texts, position_confidences)]
 
     def predict(self, images):
-        """images: paths, bytes, PIL images or numpy arrays -> list of Reading. Raises data.ImageError."""
-        return self.read(np.stack([data.decode_image(image, self.image_size) for image in images])) if images else []
+        """images: a list of paths, bytes, PIL images or numpy arrays, or one of them -> list of Reading,
+        one per image. Raises data.ImageError."""
+        one = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)
+        if isinstance(images, one) or (isinstance(images, np.ndarray) and images.ndim < 4):
+            images = [images]  # not a list of characters, bytes or rows of pixels
+        if not len(images):
+            return []
+        return self.read(np.stack([data.decode_image(image, self.image_size) for image in images]))
 
 
 def keras_batch_function(model):

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 import data
@@ -171,3 +172,21 @@ def test_a_file_that_is_not_a_model_is_one_clear_line(tmp_path, known_folder):
     for script in ("predict.py", "evaluate.py"):
         args = [known_folder] if script == "predict.py" else []
         assert_one_line_error(run_script(script, "--model", fake, *args), "is not a model made by train.py")
+
+
+def test_recognizer_scales_float_and_16_bit_arrays_like_files_and_takes_one_image(recognizer, digits):
+    paths = data.find_images(digits)[:8]
+    pixels = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    from_files = recognizer.predict(paths)
+    for arrays in ([p.astype(np.float32) / 255 for p in pixels], [p.astype(np.uint16) * 257 for p in pixels]):
+        np.testing.assert_array_equal(data.decode_image(arrays[0], recognizer.image_size),
+                                      data.decode_image(paths[0], recognizer.image_size))
+        readings = recognizer.predict(arrays)
+        assert [r.text for r in readings] == [r.text for r in from_files]
+        assert [r.confidence for r in readings] == pytest.approx([r.confidence for r in from_files])
+    for bad in (pixels[0] - 300.0, pixels[0].astype(np.int32) * 1000, np.full((32, 64), np.nan)):
+        with pytest.raises(data.ImageError, match="pixel values from"):
+            recognizer.predict([bad])
+    one = recognizer.predict(str(paths[0]))  # one path, not a list of characters
+    assert [r.text for r in one] == [from_files[0].text]
+    assert [r.text for r in recognizer.predict(pixels[0])] == [from_files[0].text]
