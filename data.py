@@ -294,10 +294,12 @@ def decode(indices, charset):
 # ---------------------------------------------------------------- pixels, cached
 
 def read_and_decode(job):
+    """-> (pixels, digest of the pixels, None) or (None, None, reason). The digest is of the decoded
+    pixels, not the file: the same captcha saved as PNG and as BMP is one image."""
     path, size = job
     try:
-        content = read_bytes(path)
-        return decode_image(content, size), hashlib.sha1(content).hexdigest(), None
+        pixels = decode_image(path, size)
+        return pixels, hashlib.sha1(pixels.tobytes()).hexdigest(), None
     except ImageError as e:
         return None, None, str(e)
 
@@ -330,7 +332,7 @@ def cache_key(paths, size):
 
 
 def load_images(paths, size, cache_dir=None, desc="decoding"):
-    """Decodes every image once -> (uint8 array N x H x W x 3, sha1 digests, {index: reason}).
+    """Decodes every image once -> (uint8 array N x H x W x 3, sha1 digests of the pixels, {index: reason}).
 
     With cache_dir, the array is kept there keyed by the files and the size, so a
     second run decodes nothing. It is read into memory when it fits comfortably,
@@ -367,14 +369,15 @@ def write_atomically(path, text):
 
 def split_train_test(digests, test_fraction, seed):
     """Deterministic split of image indices. Identical images (same digest) always land
-    on the same side, so a duplicate can never leak the test split into training."""
+    on the same side, so a duplicate can never leak the test split into training. Given
+    two different images or more, each side holds at least one."""
     groups = {}
     for i, digest in enumerate(digests):
         groups.setdefault(digest, []).append(i)
     order = sorted(groups, key=lambda d: hashlib.sha1(f"{seed}:{d}".encode()).hexdigest())
     target = max(1, round(len(digests) * test_fraction))
     test = []
-    for digest in order:
+    for digest in order[:-1]:  # the last group always trains
         if len(test) >= target:
             break
         test.extend(groups[digest])

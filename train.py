@@ -246,6 +246,9 @@ def prepare_data(cfg):
     valid = np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64)
     if len(valid) < 2:
         raise UserError(f"{root}: fewer than 2 readable images")
+    if len({digests[i] for i in valid}) < 2:
+        raise UserError(f"{root}: all {len(valid)} readable images are identical; at least two different ones are "
+                        f"needed, one to train on and one to hold out")
     targets = data.encode([label for _, label in good], charset)
     train_idx, test_idx = data.split_train_test([digests[i] for i in valid], d["test_fraction"], d["seed"])
     train_idx, test_idx = valid[train_idx], valid[test_idx]

@@ -15,6 +15,18 @@ import data
 import model
 import train
 from conftest import ROOT, assert_one_line_error, overrides, run_script
+from PIL import Image
+
+
+def copy_digits(digits, folder, count, start=0):
+    folder.mkdir(exist_ok=True)
+    for path in data.find_images(digits)[start:start + count]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def tiny_config(folder, cache_dir, *extra):
+    return train.resolved(config.load_config(None, overrides(f"data.dir={folder}", *extra, cache_dir=cache_dir)))
 
 
 def test_a_run_leaves_a_reloadable_model_with_its_metadata(trained_run, digits):
@@ -141,10 +153,7 @@ def test_imagenet_download_failure_falls_back_or_stops(monkeypatch, capsys):
 
 def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path, digits, cache_dir):
     """Killed during epoch 2 of 4, the rerun picks up after epoch 1 and finishes with 4 epochs."""
-    small = tmp_path / "small"
-    small.mkdir()
-    for path in data.find_images(digits)[:48]:
-        (small / path.name).write_bytes(path.read_bytes())
+    small = copy_digits(digits, tmp_path / "small", 48)
     command = [sys.executable, str(ROOT / "train.py"), "--run-dir", str(tmp_path / "run"),
                *[arg for o in overrides("train.epochs=4", "train.patience=10", f"data.dir={small}",
                                         "train.batch_size=8", cache_dir=cache_dir) for arg in ("--set", o)]]
@@ -186,3 +195,28 @@ def test_early_stopping_waits_for_a_first_whole_read_then_stops_on_a_plateau(tmp
             break
     assert stopped_after == 8
     assert stopper.best_epoch == 6
+
+
+def test_identical_images_never_take_a_whole_side_of_the_split(tmp_path, digits, cache_dir):
+    for seed in range(10):  # whichever group the seed puts first
+        train_idx, test_idx = data.split_train_test(["same"] * 40 + ["other"], 0.5, seed)
+        assert len(train_idx) and len(test_idx) and len(train_idx) + len(test_idx) == 41
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    source = data.find_images(digits)[0].read_bytes()
+    for i in range(41):
+        (folder / f"1234_{i}.png").write_bytes(source)
+    with pytest.raises(config.UserError, match="all 41 readable images are identical"):
+        train.prepare_data(tiny_config(folder, cache_dir))
+
+
+def test_duplicates_are_found_by_their_pixels_and_kept_on_one_side(tmp_path, digits, cache_dir, capsys):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for path in data.find_images(digits)[:20]:
+        Image.open(path).save(folder / f"{path.stem}_a.png")
+        Image.open(path).save(folder / f"{path.stem}_b.bmp")
+    dataset = train.prepare_data(tiny_config(folder, cache_dir, "data.test_fraction=0.3"))
+    pair = {side: {dataset["items"][i][0].stem[:-2] for i in dataset[side]} for side in ("train", "test")}
+    assert len(pair["test"]) >= 5 and not pair["train"] & pair["test"]
+    assert "20 duplicate images (20 groups" in capsys.readouterr().out
