@@ -136,8 +136,18 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated download is an error, not
 # ---------------------------------------------------------------- files and labels
 
 def find_images(root):
-    root = Path(root)
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files under root, recursively, through symlinked folders too. A folder reached a
+    second time (a link back up the tree, or two links to one folder) is not read again."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        subfolders.sort()  # walk in name order, so that the copy read of a folder linked twice is always the same
+        found += [Path(folder) / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
 
 
 def expand_paths(paths):
