@@ -189,11 +189,13 @@ def label_from_name(path, pattern, fits, length):
         (c for c in candidates if len(c.strip()) == length), stem)
 
 
-def read_labels_csv(csv_path, root):
+def read_labels_csv(csv_path, root, allow_outside=False, keep_missing=False):
     """`filename,label` rows -> ({relative path: label}, notes). Tolerates a BOM, a header,
-    extra columns, blank lines, Windows line endings and repeated rows."""
+    extra columns, blank lines, Windows line endings and repeated rows. Rows naming a file
+    outside root (`../..`, an absolute path elsewhere) are refused unless allow_outside; rows
+    naming a missing file are dropped unless keep_missing."""
     labels, notes, conflicting = {}, [], set()
-    missing, repeated = [], 0
+    missing, outside, repeated = [], [], 0
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as f:
             rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
@@ -201,13 +203,18 @@ def read_labels_csv(csv_path, root):
         raise UserError(f"label file not found: {csv_path}") from None
     except UnicodeDecodeError:
         raise UserError(f"{csv_path} is not UTF-8 text") from None
+    except OSError as e:  # a folder, a file without read permission
+        raise UserError(f"label file {csv_path} cannot be read: {e.strerror}") from None
     if rows and rows[0][0].strip().lower() in ("filename", "file", "path", "image", "name"):
         rows = rows[1:]
     for number, row in enumerate(rows, 1):
         if len(row) < 2:
             raise UserError(f"{csv_path}: row {number} {','.join(row)!r} has no label column")
         name, label = row[0].strip().replace("\\", "/"), row[1].strip()
-        if not (Path(root) / name).is_file():
+        if not allow_outside and not is_inside(root, name):
+            outside.append(name)
+            continue
+        if not keep_missing and not (Path(root) / name).is_file():
             missing.append(name)
         elif name in labels and labels[name] != label:
             conflicting.add(name)
@@ -218,6 +225,9 @@ def read_labels_csv(csv_path, root):
         del labels[name]
     for name in missing:
         labels.pop(name, None)
+    if outside:
+        notes.append(f"{len(outside)} rows name files outside {root}, refused (data.allow_outside_dir=true "
+                     f"reads them): {', '.join(outside[:3])}")
     if missing:
         notes.append(f"{len(missing)} rows name missing files, skipped: {', '.join(missing[:3])}")
     if repeated:
@@ -228,13 +238,20 @@ def read_labels_csv(csv_path, root):
     return labels, notes
 
 
-def labelled_files(root, labels_csv, pattern, case, length, charset):
+def is_inside(root, name):
+    """Whether root/name stays in root, judged on the path as written: a symlinked folder
+    inside root counts as inside, as find_images reads it too."""
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(os.path.join(root, name))]) == root
+
+
+def labelled_files(root, labels_csv, pattern, case, length, charset, allow_outside=False):
     """-> ([(path, label)], notes). Labels are normalised but not yet validated."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder not found: {root}")
     if labels_csv:
-        table, notes = read_labels_csv(labels_csv, root)
+        table, notes = read_labels_csv(labels_csv, root, allow_outside)
         items = [(root / name, normalise_label(label, case)) for name, label in sorted(table.items())]
         if not items:
             raise UserError(f"{labels_csv} names no image in {root}")

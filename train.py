@@ -229,7 +229,8 @@ def prepare_data(cfg):
         data.synthesize(partial, data.SYNTH_COUNT, d["length"], d["charset"] or data.SYNTH_CHARSET, d["image_size"],
                         d["seed"])
         os.replace(partial, root)
-    items, notes = data.labelled_files(root, d["labels"], d["label_pattern"], d["case"], d["length"], d["charset"])
+    items, notes = data.labelled_files(root, d["labels"], d["label_pattern"], d["case"], d["length"], d["charset"],
+                                       d["allow_outside_dir"])
     good, bad = data.split_by_label_problem(items, d["length"], d["charset"])
     if bad:
         hint = ""

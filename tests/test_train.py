@@ -220,3 +220,20 @@ def test_duplicates_are_found_by_their_pixels_and_kept_on_one_side(tmp_path, dig
     pair = {side: {dataset["items"][i][0].stem[:-2] for i in dataset[side]} for side in ("train", "test")}
     assert len(pair["test"]) >= 5 and not pair["train"] & pair["test"]
     assert "20 duplicate images (20 groups" in capsys.readouterr().out
+
+
+def test_label_rows_outside_the_data_folder_are_refused_unless_allowed(tmp_path, digits, cache_dir, capsys):
+    folder = copy_digits(digits, tmp_path / "data", 2)
+    outside = copy_digits(digits, tmp_path / "elsewhere", 2, start=2)
+    inside_rows = [f"{path.name},{path.name[:4]}" for path in sorted(folder.iterdir())]
+    escaping = sorted(outside.iterdir())
+    (tmp_path / "labels.csv").write_text("\n".join([
+        *inside_rows, f"../elsewhere/{escaping[0].name},{escaping[0].name[:4]}",
+        f"{escaping[1]},{escaping[1].name[:4]}", "../../../../../../etc/passwd,1234"]))
+    labels = f"data.labels={tmp_path / 'labels.csv'}"
+    dataset = train.prepare_data(tiny_config(folder, cache_dir, labels))
+    assert len(dataset["items"]) == 2
+    assert "3 rows name files outside" in capsys.readouterr().out
+    dataset = train.prepare_data(tiny_config(folder, cache_dir, labels, "data.allow_outside_dir=true"))
+    used = {dataset["items"][i][0].resolve() for i in [*dataset["train"], *dataset["test"]]}
+    assert used == {*folder.iterdir(), *outside.iterdir()}  # and /etc/passwd, even allowed, is no captcha
