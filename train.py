@@ -7,6 +7,8 @@ Killed or interrupted, the same command resumes from the last completed epoch.
 import argparse
 import contextlib
 import datetime
+import fcntl
+import hashlib
 import importlib.util
 import json
 import math
@@ -28,6 +30,8 @@ from predict import Recognizer  # noqa: E402
 from model import MODEL_FILE, build_model, preprocessing_for, resolve_precision, save_model, with_precision  # noqa: E402
 
 MONITOR = "val_whole_string_accuracy"
+LOCK_FILE = ".lock"
+held_locks = {}  # run directory -> its open lock file: a lock lasts as long as the process that took it
 
 
 class Batches(keras.utils.PyDataset):
@@ -184,6 +188,9 @@ def choose_run_dir(cfg, run_dir):
             return unfinished[0], True
         run_dir = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir)
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker:
+        raise UserError(f"--run-dir {run_dir}: {blocker} is a file, not a folder")
     if (run_dir / MODEL_FILE).exists():
         raise UserError(f"{run_dir} holds a finished run; choose another --run-dir")
     if (run_dir / "config.yaml").exists():
@@ -193,9 +200,45 @@ def choose_run_dir(cfg, run_dir):
             raise UserError(f"{run_dir} holds an interrupted run with another config ({', '.join(changed)} differ): "
                             f"rerun it with its own config, or choose another --run-dir")
         return run_dir, True
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise UserError(f"{run_dir} is not empty and holds no run; choose another --run-dir")
     return run_dir, False
+
+
+def lock_run_dir(run_dir):
+    """Takes the run directory for this process, or raises UserError naming the process that
+    holds it. The kernel drops a lock when its process ends, however it ends: the lock of a
+    killed run never blocks its resume."""
+    key = os.path.abspath(run_dir)
+    if key in held_locks:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        raise UserError(f"another process (pid {pid}) is training into {run_dir}: wait for it to end, "
+                        f"or choose another --run-dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    held_locks[key] = lock
+
+
+def check_same_split(run_dir, dataset, resuming):
+    """A resumed run must train and score on the split it started with: its early-stopping
+    state and its history belong to that split."""
+    path = run_dir / "split.json"
+    if resuming and path.exists():
+        before, now = json.loads(path.read_text()), dataset["split"]
+        if before["digest"] != now["digest"]:
+            raise UserError(f"the data in {dataset['root']} have changed since {run_dir} started "
+                            f"({before['train_images']} to train and {before['held_out_images']} held out then, "
+                            f"{now['train_images']} and {now['held_out_images']} now): restore them to resume, "
+                            f"or choose another --run-dir to start afresh")
 
 
 def completed_epochs(backup_dir):
@@ -273,8 +316,13 @@ def prepare_data(cfg):
                      f"{', '.join(data.shown_path(paths[i], root) for i in repeats[0])}")
     for note in notes:
         print(f"  note: {note}")
+    fingerprint = hashlib.sha1()
+    for side, indices in (("train", train_idx), ("held out", test_idx)):
+        for i in indices:
+            fingerprint.update(f"{side},{data.shown_path(paths[i], root)},{good[i][1]},{digests[i]}\n".encode())
+    split = {"train_images": len(train_idx), "held_out_images": len(test_idx), "digest": fingerprint.hexdigest()}
     return {"root": root, "items": good, "images": images, "targets": targets, "charset": charset,
-            "train": train_idx, "test": test_idx}
+            "train": train_idx, "test": test_idx, "split": split}
 
 
 def write_test_split(path, dataset):
@@ -303,8 +351,12 @@ def train(cfg, run_dir=None):
             run_dir = Path(f"{run_dir}.worker_{process}")
     run_dir, resuming = choose_run_dir(cfg, run_dir)
     dataset = prepare_data(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(run_dir)
+    # Again, under the lock: another process may have started this run, or even finished it, meanwhile.
+    run_dir, resuming = choose_run_dir(cfg, run_dir)
+    check_same_split(run_dir, dataset, resuming)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    data.write_atomically(run_dir / "split.json", json.dumps(dataset["split"]))
     write_test_split(run_dir / "test_split.csv", dataset)
     print(f"{'resuming' if resuming else 'run'}: {run_dir}")
 

@@ -197,6 +197,50 @@ def test_early_stopping_waits_for_a_first_whole_read_then_stops_on_a_plateau(tmp
     assert stopper.best_epoch == 6
 
 
+def test_a_second_train_on_a_live_run_dir_is_refused_naming_the_first(tmp_path, digits, cache_dir):
+    """While one train.py holds the run directory, another stops with one line; once the first is
+    killed with kill -9, its lock is gone and the run can resume."""
+    small, run = copy_digits(digits, tmp_path / "small", 48), tmp_path / "run"
+    settings = overrides("train.epochs=1", f"data.dir={small}", "train.batch_size=8", cache_dir=cache_dir)
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--run-dir", str(run),
+                              *[arg for o in settings for arg in ("--set", o)]],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline, lock = time.time() + 240, run / train.LOCK_FILE
+        while first.poll() is None and time.time() < deadline and not (
+                lock.exists() and lock.read_text().strip() == str(first.pid)):
+            time.sleep(0.05)
+        assert first.poll() is None, "the first train.py must still be training"
+        with pytest.raises(config.UserError, match=f"another process \\(pid {first.pid}\\) is training into {run}"):
+            train.train(config.load_config(None, settings), run)
+    finally:
+        first.kill()
+        first.wait()
+    train.lock_run_dir(run)  # raises if the killed process's lock still blocked the resume
+    train.held_locks.pop(os.path.abspath(run)).close()
+
+
+def test_resuming_on_changed_data_is_refused(tmp_path, digits, cache_dir, monkeypatch):
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*args, **kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(train, "build_model", interrupt)  # stop each attempt once the run directory is set up
+    folder, run = copy_digits(digits, tmp_path / "data", 30), tmp_path / "run"
+    cfg = tiny_config(folder, cache_dir)
+    with pytest.raises(Interrupted):
+        train.train(cfg, run)
+    copy_digits(digits, folder, 10, start=30)
+    with pytest.raises(config.UserError, match=r"changed since .*27 to train and 3 held out then, 36 and 4 now"):
+        train.train(cfg, run)
+    for path in data.find_images(digits)[30:40]:
+        (folder / path.name).unlink()
+    with pytest.raises(Interrupted):  # the same data again: it resumes
+        train.train(cfg, run)
+
+
 def test_identical_images_never_take_a_whole_side_of_the_split(tmp_path, digits, cache_dir):
     for seed in range(10):  # whichever group the seed puts first
         train_idx, test_idx = data.split_train_test(["same"] * 40 + ["other"], 0.5, seed)
@@ -237,3 +281,16 @@ def test_label_rows_outside_the_data_folder_are_refused_unless_allowed(tmp_path,
     dataset = train.prepare_data(tiny_config(folder, cache_dir, labels, "data.allow_outside_dir=true"))
     used = {dataset["items"][i][0].resolve() for i in [*dataset["train"], *dataset["test"]]}
     assert used == {*folder.iterdir(), *outside.iterdir()}  # and /etc/passwd, even allowed, is no captcha
+
+
+def test_run_dir_or_config_paths_of_the_wrong_kind_are_one_clear_line(tmp_path, digits, cache_dir):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    settings = [arg for o in overrides(f"data.dir={digits}", cache_dir=cache_dir) for arg in ("--set", o)]
+    for run_dir in (a_file, a_file / "run"):
+        with pytest.raises(config.UserError, match=f"--run-dir {run_dir}: {a_file} is a file, not a folder"):
+            train.main(["--run-dir", str(run_dir), *settings])
+    with pytest.raises(config.UserError, match=f"config file {tmp_path} cannot be read: Is a directory"):
+        train.main(["--config", str(tmp_path), *settings])
+    with pytest.raises(config.UserError, match=f"label file {tmp_path} cannot be read: Is a directory"):
+        train.main(["--run-dir", str(tmp_path / "run"), *settings, "--set", f"data.labels={tmp_path}"])
