@@ -28,16 +28,21 @@ COVERAGES = (1.0, 0.95, 0.9, 0.8)
 
 
 def held_out_items(model_arg, labels_csv, case):
-    """The run's held-out split, labelled by the split's own list or by labels_csv."""
+    """The run's held-out split, labelled by the split's own list or by labels_csv. Images
+    missing from it stay in the list, to be counted as skipped."""
     run_dir = Path(model_arg) if Path(model_arg).is_dir() else Path(model_arg).parent
     split, config = run_dir / "test_split.csv", run_dir / "config.yaml"
     if not split.exists() or not config.exists():
         raise UserError(f"no held-out split in {run_dir} (test_split.csv and config.yaml): pass --data")
-    root = Path(yaml.safe_load(config.read_text())["data"]["dir"])
-    split_labels, _ = data.read_labels_csv(split, root)
+    settings = yaml.safe_load(config.read_text())["data"]
+    root, allow_outside = Path(settings["dir"]), settings.get("allow_outside_dir", False)
+    if not root.is_dir():
+        raise UserError(f"the run's data folder {root} (data.dir in {config}) no longer exists: move it back, "
+                        f"or pass --data")
+    split_labels, _ = data.read_labels_csv(split, root, allow_outside, keep_missing=True)
     notes = []
     if labels_csv:
-        table, notes = data.read_labels_csv(labels_csv, root)
+        table, notes = data.read_labels_csv(labels_csv, root, allow_outside, keep_missing=True)
         missing = [name for name in split_labels if name not in table]
         if missing:
             raise UserError(f"{labels_csv} has no label for {len(missing)} held-out images, such as {missing[0]}")
@@ -84,8 +89,10 @@ def evaluate(recognizer, items, root):
     if unscorable:
         print(f"note: {len(unscorable)} labels do not fit the model and are not scored: "
               f"{data.describe(unscorable, root)}", file=sys.stderr)
-    labels = {str(p): label for p, label in scorable}
-    readings, skipped = {}, [(str(p), label, f"unscorable label: {why}") for p, label, why in unscorable]
+    skipped = [(str(p), label, f"unscorable label: {why}") for p, label, why in unscorable]
+    skipped += [(str(p), label, "missing file") for p, label in scorable if not Path(p).is_file()]
+    labels = {str(p): label for p, label in scorable if Path(p).is_file()}
+    readings = {}
     for path, reading, error in read_files(recognizer, list(labels), desc="scoring"):
         if error:
             skipped.append((path, labels[path], f"unreadable: {error}"))

@@ -174,6 +174,28 @@ def test_a_file_that_is_not_a_model_is_one_clear_line(tmp_path, known_folder):
         assert_one_line_error(run_script(script, "--model", fake, *args), "is not a model made by train.py")
 
 
+def test_missing_held_out_images_are_skipped_and_a_moved_data_folder_is_named(trained_run, recognizer, tmp_path,
+                                                                              capsys, monkeypatch):
+    monkeypatch.setattr(predict.Recognizer, "load", lambda *args: recognizer)
+    run, folder = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(trained_run.parent / "data" / "synthetic", folder)
+    run.mkdir()
+    shutil.copy(trained_run / "test_split.csv", run)
+    settings = yaml.safe_load((trained_run / "config.yaml").read_text())
+    settings["data"]["dir"] = str(folder)
+    (run / "config.yaml").write_text(yaml.safe_dump(settings))
+    held_out, _ = data.read_labels_csv(run / "test_split.csv", folder)
+    gone = sorted(held_out)[0]
+    (folder / gone).unlink()
+    report = json.loads(run_main(evaluate, capsys, "--model", run, "--json"))
+    assert report["count"] == len(held_out) - 1 and report["skipped_reasons"] == {"missing file": 1}
+    assert report["skipped_items"] == [{"path": gone, "label": held_out[gone], "reason": "missing file"}]
+    assert "skipped 1 (1 missing file)" in run_main(evaluate, capsys, "--model", run)
+    folder.rename(tmp_path / "moved")
+    with pytest.raises(UserError, match=f"data folder {folder} .*{run / 'config.yaml'}.* no longer exists"):
+        evaluate.main(["--model", str(run)])
+
+
 def test_recognizer_scales_float_and_16_bit_arrays_like_files_and_takes_one_image(recognizer, digits):
     paths = data.find_images(digits)[:8]
     pixels = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
