@@ -1,6 +1,7 @@
 """Score a trained model on every image of a labelled set: whole-string accuracy and more.
 
-    python evaluate.py --model RUN_DIR_OR_MODEL [--data DIR] [--labels CSV] [--json] [--errors FILE.csv] [--batch-size N]
+    python evaluate.py --model RUN_DIR_OR_MODEL [--data DIR] [--labels CSV] [--json] [--errors FILE.csv] [--overwrite]
+                       [--batch-size N]
 
 Without --data it scores the run's held-out split (optionally against the labels of --labels).
 With --data it scores any folder, labelled by file name as in training, or by --labels.
@@ -20,7 +21,7 @@ from config import UserError, quiet_backend_startup, run
 quiet_backend_startup()
 import data  # noqa: E402
 from model import model_path  # noqa: E402
-from predict import DEFAULT_BATCH_SIZE, Recognizer, read_files  # noqa: E402
+from predict import DEFAULT_BATCH_SIZE, Recognizer, check_output, read_files  # noqa: E402
 
 # A wrong reading this sure of itself is more often a wrong label than a wrong reading.
 SUSPECT_CONFIDENCE = 0.9
@@ -164,9 +165,11 @@ def main(argv=None):
     parser.add_argument("--labels", help="filename,label CSV: labels for --data, or for the held-out split")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("--errors", help="write wrong and skipped items to this CSV, most confident first")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --errors file")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     args = parser.parse_args(argv)
 
+    check_output(args.errors, args.overwrite, "--errors", (".csv",))
     recognizer = Recognizer.load(args.model, args.batch_size)
     meta = recognizer.metadata
     if args.data:
