@@ -85,9 +85,8 @@ def test_bad_labels_stop_training_naming_the_files(tmp_path, digits, cache_dir):
 def test_wrong_case_labels_point_to_the_case_policy(tmp_path, digits, cache_dir):
     folder = tmp_path / "letters"
     folder.mkdir()
-    source = data.find_images(digits)[0].read_bytes()
-    for name in ("abcd_1.png", "ABCD_2.png", "xyzw_3.png"):
-        (folder / name).write_bytes(source)
+    for name, source in zip(("abcd_1.png", "ABCD_2.png", "xyzw_3.png"), data.find_images(digits)):
+        (folder / name).write_bytes(source.read_bytes())  # three different images: identical ones cannot be split
     cfg = config.load_config(None, overrides("data.charset=ABCDWXYZ", f"data.dir={folder}", cache_dir=cache_dir))
     with pytest.raises(config.UserError, match="data.case=lower or upper"):
         train.prepare_data(train.resolved(cfg))
