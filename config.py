@@ -50,6 +50,8 @@ def read_yaml(path):
             content = yaml.safe_load(f)
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except OSError as e:  # a folder, a file without read permission
+        raise UserError(f"config file {path} cannot be read: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(content, dict):

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 from tqdm import tqdm
 
 from config import UserError
@@ -31,8 +31,8 @@ from config import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # Captchas are small: refuse larger images from their header, before decoding them.
 MAX_PIXELS = 4096 * 4096
-# Part of the cache key: bump it whenever decode_image's output changes.
-DECODE_VERSION = 1
+# Part of the cache key: bump it whenever decode_image's output or the cached digests change.
+DECODE_VERSION = 2
 SYNTH_CHARSET = string.digits + string.ascii_uppercase
 SYNTH_COUNT = 10_000
 
@@ -100,17 +100,28 @@ def array_to_image(array):
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ImageError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4, not {array.shape}")
-    if array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8)
-    return Image.fromarray(array)
+    return Image.fromarray(array if array.dtype == np.uint8 else to_8_bits(array))
+
+
+def to_8_bits(values):
+    """Pixels of any other depth -> uint8, one rule for arrays and files: floats (and booleans) up to 1
+    are fractions of white; otherwise values up to 255 are 8-bit and up to 65535 16-bit. Anything
+    else is refused, never clipped."""
+    values = np.asarray(values)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if values.dtype.kind in "fb" and 0 <= low and high <= 1:
+        peak = 1.0
+    elif 0 <= low and high <= 65535:  # NaN fails these comparisons too
+        peak = 255.0 if high <= 255 else 65535.0
+    else:
+        raise ImageError(f"pixel values from {low:g} to {high:g}: expected 0..255, 0..65535, or floats in 0..1")
+    return np.round(values.astype(np.float64) * (255.0 / peak)).astype(np.uint8)
 
 
 def to_rgb(image):
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         # 16-bit and float grayscale: scale the full range to 8 bits instead of clipping it.
-        values = np.asarray(image, dtype=np.float32)
-        peak = 65535.0 if values.max() > 255 else 255.0
-        image = Image.fromarray(np.clip(values * (255.0 / peak), 0, 255).astype(np.uint8))
+        image = Image.fromarray(to_8_bits(np.asarray(image)))
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -125,8 +136,18 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated download is an error, not
 # ---------------------------------------------------------------- files and labels
 
 def find_images(root):
-    root = Path(root)
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files under root, recursively, through symlinked folders too. A folder reached a
+    second time (a link back up the tree, or two links to one folder) is not read again."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        status = os.stat(folder)
+        if (status.st_dev, status.st_ino) in seen:
+            subfolders.clear()
+            continue
+        seen.add((status.st_dev, status.st_ino))
+        subfolders.sort()  # walk in name order, so that the copy read of a folder linked twice is always the same
+        found += [Path(folder) / name for name in files if Path(name).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())
 
 
 def expand_paths(paths):
@@ -168,11 +189,13 @@ def label_from_name(path, pattern, fits, length):
         (c for c in candidates if len(c.strip()) == length), stem)
 
 
-def read_labels_csv(csv_path, root):
+def read_labels_csv(csv_path, root, allow_outside=False, keep_missing=False):
     """`filename,label` rows -> ({relative path: label}, notes). Tolerates a BOM, a header,
-    extra columns, blank lines, Windows line endings and repeated rows."""
+    extra columns, blank lines, Windows line endings and repeated rows. Rows naming a file
+    outside root (`../..`, an absolute path elsewhere) are refused unless allow_outside; rows
+    naming a missing file are dropped unless keep_missing."""
     labels, notes, conflicting = {}, [], set()
-    missing, repeated = [], 0
+    missing, outside, repeated = [], [], 0
     try:
         with open(csv_path, encoding="utf-8-sig", newline="") as f:
             rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
@@ -180,13 +203,18 @@ def read_labels_csv(csv_path, root):
         raise UserError(f"label file not found: {csv_path}") from None
     except UnicodeDecodeError:
         raise UserError(f"{csv_path} is not UTF-8 text") from None
+    except OSError as e:  # a folder, a file without read permission
+        raise UserError(f"label file {csv_path} cannot be read: {e.strerror}") from None
     if rows and rows[0][0].strip().lower() in ("filename", "file", "path", "image", "name"):
         rows = rows[1:]
     for number, row in enumerate(rows, 1):
         if len(row) < 2:
             raise UserError(f"{csv_path}: row {number} {','.join(row)!r} has no label column")
         name, label = row[0].strip().replace("\\", "/"), row[1].strip()
-        if not (Path(root) / name).is_file():
+        if not allow_outside and not is_inside(root, name):
+            outside.append(name)
+            continue
+        if not keep_missing and not (Path(root) / name).is_file():
             missing.append(name)
         elif name in labels and labels[name] != label:
             conflicting.add(name)
@@ -197,6 +225,9 @@ def read_labels_csv(csv_path, root):
         del labels[name]
     for name in missing:
         labels.pop(name, None)
+    if outside:
+        notes.append(f"{len(outside)} rows name files outside {root}, refused (data.allow_outside_dir=true "
+                     f"reads them): {', '.join(outside[:3])}")
     if missing:
         notes.append(f"{len(missing)} rows name missing files, skipped: {', '.join(missing[:3])}")
     if repeated:
@@ -207,13 +238,20 @@ def read_labels_csv(csv_path, root):
     return labels, notes
 
 
-def labelled_files(root, labels_csv, pattern, case, length, charset):
+def is_inside(root, name):
+    """Whether root/name stays in root, judged on the path as written: a symlinked folder
+    inside root counts as inside, as find_images reads it too."""
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(os.path.join(root, name))]) == root
+
+
+def labelled_files(root, labels_csv, pattern, case, length, charset, allow_outside=False):
     """-> ([(path, label)], notes). Labels are normalised but not yet validated."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder not found: {root}")
     if labels_csv:
-        table, notes = read_labels_csv(labels_csv, root)
+        table, notes = read_labels_csv(labels_csv, root, allow_outside)
         items = [(root / name, normalise_label(label, case)) for name, label in sorted(table.items())]
         if not items:
             raise UserError(f"{labels_csv} names no image in {root}")
@@ -283,10 +321,12 @@ def decode(indices, charset):
 # ---------------------------------------------------------------- pixels, cached
 
 def read_and_decode(job):
+    """-> (pixels, digest of the pixels, None) or (None, None, reason). The digest is of the decoded
+    pixels, not the file: the same captcha saved as PNG and as BMP is one image."""
     path, size = job
     try:
-        content = read_bytes(path)
-        return decode_image(content, size), hashlib.sha1(content).hexdigest(), None
+        pixels = decode_image(path, size)
+        return pixels, hashlib.sha1(pixels.tobytes()).hexdigest(), None
     except ImageError as e:
         return None, None, str(e)
 
@@ -319,7 +359,7 @@ def cache_key(paths, size):
 
 
 def load_images(paths, size, cache_dir=None, desc="decoding"):
-    """Decodes every image once -> (uint8 array N x H x W x 3, sha1 digests, {index: reason}).
+    """Decodes every image once -> (uint8 array N x H x W x 3, sha1 digests of the pixels, {index: reason}).
 
     With cache_dir, the array is kept there keyed by the files and the size, so a
     second run decodes nothing. It is read into memory when it fits comfortably,
@@ -356,14 +396,15 @@ def write_atomically(path, text):
 
 def split_train_test(digests, test_fraction, seed):
     """Deterministic split of image indices. Identical images (same digest) always land
-    on the same side, so a duplicate can never leak the test split into training."""
+    on the same side, so a duplicate can never leak the test split into training. Given
+    two different images or more, each side holds at least one."""
     groups = {}
     for i, digest in enumerate(digests):
         groups.setdefault(digest, []).append(i)
     order = sorted(groups, key=lambda d: hashlib.sha1(f"{seed}:{d}".encode()).hexdigest())
     target = max(1, round(len(digests) * test_fraction))
     test = []
-    for digest in order:
+    for digest in order[:-1]:  # the last group always trains
         if len(test) >= target:
             break
         test.extend(groups[digest])

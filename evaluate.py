@@ -1,6 +1,7 @@
 """Score a trained model on every image of a labelled set: whole-string accuracy and more.
 
-    python evaluate.py --model RUN_DIR_OR_MODEL [--data DIR] [--labels CSV] [--json] [--errors FILE.csv] [--batch-size N]
+    python evaluate.py --model RUN_DIR_OR_MODEL [--data DIR] [--labels CSV] [--json] [--errors FILE.csv] [--overwrite]
+                       [--batch-size N]
 
 Without --data it scores the run's held-out split (optionally against the labels of --labels).
 With --data it scores any folder, labelled by file name as in training, or by --labels.
@@ -20,7 +21,7 @@ from config import UserError, quiet_backend_startup, run
 quiet_backend_startup()
 import data  # noqa: E402
 from model import model_path  # noqa: E402
-from predict import DEFAULT_BATCH_SIZE, Recognizer, read_files  # noqa: E402
+from predict import DEFAULT_BATCH_SIZE, Recognizer, check_output, read_files  # noqa: E402
 
 # A wrong reading this sure of itself is more often a wrong label than a wrong reading.
 SUSPECT_CONFIDENCE = 0.9
@@ -28,16 +29,21 @@ COVERAGES = (1.0, 0.95, 0.9, 0.8)
 
 
 def held_out_items(model_arg, labels_csv, case):
-    """The run's held-out split, labelled by the split's own list or by labels_csv."""
+    """The run's held-out split, labelled by the split's own list or by labels_csv. Images
+    missing from it stay in the list, to be counted as skipped."""
     run_dir = Path(model_arg) if Path(model_arg).is_dir() else Path(model_arg).parent
     split, config = run_dir / "test_split.csv", run_dir / "config.yaml"
     if not split.exists() or not config.exists():
         raise UserError(f"no held-out split in {run_dir} (test_split.csv and config.yaml): pass --data")
-    root = Path(yaml.safe_load(config.read_text())["data"]["dir"])
-    split_labels, _ = data.read_labels_csv(split, root)
+    settings = yaml.safe_load(config.read_text())["data"]
+    root, allow_outside = Path(settings["dir"]), settings.get("allow_outside_dir", False)
+    if not root.is_dir():
+        raise UserError(f"the run's data folder {root} (data.dir in {config}) no longer exists: move it back, "
+                        f"or pass --data")
+    split_labels, _ = data.read_labels_csv(split, root, allow_outside, keep_missing=True)
     notes = []
     if labels_csv:
-        table, notes = data.read_labels_csv(labels_csv, root)
+        table, notes = data.read_labels_csv(labels_csv, root, allow_outside, keep_missing=True)
         missing = [name for name in split_labels if name not in table]
         if missing:
             raise UserError(f"{labels_csv} has no label for {len(missing)} held-out images, such as {missing[0]}")
@@ -84,8 +90,10 @@ def evaluate(recognizer, items, root):
     if unscorable:
         print(f"note: {len(unscorable)} labels do not fit the model and are not scored: "
               f"{data.describe(unscorable, root)}", file=sys.stderr)
-    labels = {str(p): label for p, label in scorable}
-    readings, skipped = {}, [(str(p), label, f"unscorable label: {why}") for p, label, why in unscorable]
+    skipped = [(str(p), label, f"unscorable label: {why}") for p, label, why in unscorable]
+    skipped += [(str(p), label, "missing file") for p, label in scorable if not Path(p).is_file()]
+    labels = {str(p): label for p, label in scorable if Path(p).is_file()}
+    readings = {}
     for path, reading, error in read_files(recognizer, list(labels), desc="scoring"):
         if error:
             skipped.append((path, labels[path], f"unreadable: {error}"))
@@ -157,9 +165,11 @@ def main(argv=None):
     parser.add_argument("--labels", help="filename,label CSV: labels for --data, or for the held-out split")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("--errors", help="write wrong and skipped items to this CSV, most confident first")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --errors file")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     args = parser.parse_args(argv)
 
+    check_output(args.errors, args.overwrite, "--errors", (".csv",))
     recognizer = Recognizer.load(args.model, args.batch_size)
     meta = recognizer.metadata
     if args.data:

@@ -16,6 +16,7 @@ From Python:
     recognizer.predict(["a.png", open("b.jpg", "rb").read(), pil_image, numpy_array])
 """
 import argparse
+import contextlib
 import csv
 import importlib
 import json
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -56,6 +58,8 @@ class Recognizer:
         """path: a run directory, a .keras file or an export (.onnx, .tflite, SavedModel folder).
         precision, for a Keras model only (exports compute in float32): as train.precision; `auto`
         computes as the model was trained where this machine allows (see model.inference_precision)."""
+        if batch_size < 1:
+            raise UserError(f"the batch size must be at least 1, got {batch_size}")
         path, form = Path(path), export_format(path)
         if form:
             if not path.exists():
@@ -98,8 +102,14 @@ class Recognizer:
                 for text, conf in zip(texts, position_confidences)]
 
     def predict(self, images):
-        """images: paths, bytes, PIL images or numpy arrays -> list of Reading. Raises data.ImageError."""
-        return self.read(np.stack([data.decode_image(image, self.image_size) for image in images])) if images else []
+        """images: a list of paths, bytes, PIL images or numpy arrays, or one of them -> list of Reading,
+        one per image. Raises data.ImageError."""
+        one = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)
+        if isinstance(images, one) or (isinstance(images, np.ndarray) and images.ndim < 4):
+            images = [images]  # not a list of characters, bytes or rows of pixels
+        if not len(images):
+            return []
+        return self.read(np.stack([data.decode_image(image, self.image_size) for image in images]))
 
 
 def keras_batch_function(model):
@@ -258,27 +268,38 @@ def read_files(recognizer, paths, desc="reading"):
             bar.update(len(chunk))
 
 
-def check_output(path, overwrite):
-    if path is not None and Path(path).suffix.lower() not in (".csv", ".jsonl"):
-        raise UserError(f"--output {path}: expected a .csv or .jsonl file")
-    if path is not None and Path(path).exists() and not overwrite:
-        raise UserError(f"--output {path} exists; pass --overwrite to replace it")
-
-
-def open_output(path):
-    """-> (file to write, function that completes it). A file is written beside its target and
-    renamed into place at the end, so an interrupted run never leaves half an output."""
+def check_output(path, overwrite, option="--output", suffixes=(".csv", ".jsonl")):
+    """Refuses an output file that could not be written, or that would be replaced unasked:
+    before the slow work, not after it."""
     if path is None:
-        return sys.stdout, lambda: None
+        return
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{option} {path}: expected a {' or '.join(suffixes)} file")
+    if not path.parent.is_dir():
+        raise UserError(f"{option} {path}: there is no folder {path.parent}")
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder")
+    if path.exists() and not overwrite:
+        raise UserError(f"{option} {path} exists; pass --overwrite to replace it")
+
+
+@contextlib.contextmanager
+def open_output(path):
+    """Yields the file to write. A file is written beside its target and renamed into place at the
+    end, so an interrupted run never leaves half an output, and removes what it had written."""
+    if path is None:
+        yield sys.stdout
+        return
     path = Path(path)
     partial = path.with_name(f".{path.name}.partial")
-    f = open(partial, "w", newline="", encoding="utf-8")
-
-    def finish():
-        f.close()
-        os.replace(partial, path)
-
-    return f, finish
+    try:
+        with open(partial, "w", newline="", encoding="utf-8") as f:
+            yield f
+    except BaseException:  # Ctrl-C too
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
 
 
 def main(argv=None):
@@ -298,22 +319,23 @@ def main(argv=None):
     if not paths:
         raise UserError(f"no images found in {' '.join(args.paths)}")
     recognizer = Recognizer.load(args.model, args.batch_size)
-    out, finish = open_output(args.output)
     jsonl = args.output is not None and args.output.lower().endswith(".jsonl")
-    writer = None if jsonl else csv.writer(out)
-    if writer:
-        writer.writerow(["path", "prediction", "confidence"])
     failed = len(unmatched)
-    for path, reading, error in read_files(recognizer, [str(p) for p in paths]):
-        if error:
-            failed += 1
-            print(f"{path}: {error}", file=sys.stderr)
-        elif jsonl:
-            out.write(json.dumps({"path": path, "prediction": reading.text, "confidence": round(reading.confidence, 6),
-                                  "position_confidences": [round(c, 6) for c in reading.position_confidences]}) + "\n")
-        else:
-            writer.writerow([path, reading.text, f"{reading.confidence:.6f}"])
-    finish()
+    with open_output(args.output) as out:
+        writer = None if jsonl else csv.writer(out)
+        if writer:
+            writer.writerow(["path", "prediction", "confidence"])
+        for path, reading, error in read_files(recognizer, [str(p) for p in paths]):
+            if error:
+                failed += 1
+                print(f"{path}: {error}", file=sys.stderr)
+            elif jsonl:
+                out.write(json.dumps({"path": path, "prediction": reading.text,
+                                      "confidence": round(reading.confidence, 6),
+                                      "position_confidences": [round(c, 6) for c in reading.position_confidences]})
+                          + "\n")
+            else:
+                writer.writerow([path, reading.text, f"{reading.confidence:.6f}"])
     if failed:
         print(f"{failed} of {len(paths) + len(unmatched)} inputs could not be read; the other rows are written",
               file=sys.stderr)

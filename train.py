@@ -8,6 +8,8 @@ import argparse
 import contextlib
 import csv
 import datetime
+import fcntl
+import hashlib
 import importlib.util
 import json
 import math
@@ -34,6 +36,8 @@ from model import (MODEL_FILE, build_model, copy_weights, load_model, model_path
 
 MONITOR = "val_whole_string_accuracy"
 SELECTION = "val_selection_score"  # what early stopping maximises: see HeldOutAccuracy
+LOCK_FILE = ".lock"
+held_locks = {}  # run directory -> its open lock file: a lock lasts as long as the process that took it
 
 
 class Batches(keras.utils.PyDataset):
@@ -254,6 +258,9 @@ def choose_run_dir(cfg, run_dir):
             return unfinished[0], True
         run_dir = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir)
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker:
+        raise UserError(f"--run-dir {run_dir}: {blocker} is a file, not a folder")
     if (run_dir / MODEL_FILE).exists():
         raise UserError(f"{run_dir} holds a finished run; choose another --run-dir")
     if (run_dir / "config.yaml").exists():
@@ -263,9 +270,45 @@ def choose_run_dir(cfg, run_dir):
             raise UserError(f"{run_dir} holds an interrupted run with another config ({', '.join(changed)} differ): "
                             f"rerun it with its own config, or choose another --run-dir")
         return run_dir, True
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
         raise UserError(f"{run_dir} is not empty and holds no run; choose another --run-dir")
     return run_dir, False
+
+
+def lock_run_dir(run_dir):
+    """Takes the run directory for this process, or raises UserError naming the process that
+    holds it. The kernel drops a lock when its process ends, however it ends: the lock of a
+    killed run never blocks its resume."""
+    key = os.path.abspath(run_dir)
+    if key in held_locks:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        raise UserError(f"another process (pid {pid}) is training into {run_dir}: wait for it to end, "
+                        f"or choose another --run-dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    held_locks[key] = lock
+
+
+def check_same_split(run_dir, dataset, resuming):
+    """A resumed run must train and score on the split it started with: its early-stopping
+    state and its history belong to that split."""
+    path = run_dir / "split.json"
+    if resuming and path.exists():
+        before, now = json.loads(path.read_text()), dataset["split"]
+        if before["digest"] != now["digest"]:
+            raise UserError(f"the data in {dataset['root']} have changed since {run_dir} started "
+                            f"({before['train_images']} to train and {before['held_out_images']} held out then, "
+                            f"{now['train_images']} and {now['held_out_images']} now): restore them to resume, "
+                            f"or choose another --run-dir to start afresh")
 
 
 def completed_epochs(backup_dir):
@@ -300,7 +343,8 @@ def prepare_data(cfg, charset_hint=None):
         data.synthesize(partial, data.SYNTH_COUNT, d["length"], d["charset"] or data.SYNTH_CHARSET, d["image_size"],
                         d["seed"])
         os.replace(partial, root)
-    items, notes = data.labelled_files(root, d["labels"], d["label_pattern"], d["case"], d["length"], d["charset"])
+    items, notes = data.labelled_files(root, d["labels"], d["label_pattern"], d["case"], d["length"], d["charset"],
+                                       d["allow_outside_dir"])
     good, bad = data.split_by_label_problem(items, d["length"], d["charset"])
     if bad:
         hint = ""
@@ -319,6 +363,9 @@ def prepare_data(cfg, charset_hint=None):
     valid = np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64)
     if len(valid) < 2:
         raise UserError(f"{root}: fewer than 2 readable images")
+    if len({digests[i] for i in valid}) < 2:
+        raise UserError(f"{root}: all {len(valid)} readable images are identical; at least two different ones are "
+                        f"needed, one to train on and one to hold out")
     targets = data.encode([label for _, label in good], charset)
     train_idx, test_idx = data.split_train_test([digests[i] for i in valid], d["test_fraction"], d["seed"])
     train_idx, test_idx = valid[train_idx], valid[test_idx]
@@ -345,8 +392,13 @@ def prepare_data(cfg, charset_hint=None):
                      f"{', '.join(data.shown_path(paths[i], root) for i in repeats[0])}")
     for note in notes:
         print(f"  note: {note}")
+    fingerprint = hashlib.sha1()
+    for side, indices in (("train", train_idx), ("held out", test_idx)):
+        for i in indices:
+            fingerprint.update(f"{side},{data.shown_path(paths[i], root)},{good[i][1]},{digests[i]}\n".encode())
+    split = {"train_images": len(train_idx), "held_out_images": len(test_idx), "digest": fingerprint.hexdigest()}
     return {"root": root, "items": good, "images": images, "targets": targets, "charset": charset,
-            "train": train_idx, "test": test_idx, "digests": [digests[i] for i in valid]}
+            "train": train_idx, "test": test_idx, "digests": [digests[i] for i in valid], "split": split}
 
 
 def read_unlabelled(cfg, dataset):
@@ -457,8 +509,12 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     source = continued_run(m)
     dataset = prepare_data(cfg, source["charset"] if source else None)
     unlabelled = read_unlabelled(cfg, dataset) if d["unlabelled"] else None
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(run_dir)
+    # Again, under the lock: another process may have started this run, or even finished it, meanwhile.
+    run_dir, resuming = choose_run_dir(cfg, run_dir)
+    check_same_split(run_dir, dataset, resuming)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    data.write_atomically(run_dir / "split.json", json.dumps(dataset["split"]))
     write_test_split(run_dir / "test_split.csv", dataset)
     print(f"{'resuming' if resuming else 'run'}: {run_dir}")
 

@@ -103,6 +103,23 @@ def test_non_ascii_file_names_are_read_and_labelled(digits, tmp_path):
     np.testing.assert_array_equal(images[0], data.decode_image(source, SIZE))
 
 
+def test_symlinked_folders_are_read_once_and_a_link_loop_ends(digits, tmp_path):
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    sources = data.find_images(digits)[:6]
+    for i, source in enumerate(sources):
+        ((root if i < 2 else elsewhere) / source.name).write_bytes(source.read_bytes())
+    (root / "linked").symlink_to(elsewhere)
+    (root / "linked_again").symlink_to(elsewhere)
+    (elsewhere / "up").symlink_to(root)  # a loop: data/linked/up/linked/up/...
+    expected = sorted([root / s.name for s in sources[:2]] + [root / "linked" / s.name for s in sources[2:]])
+    assert data.find_images(root) == expected  # training
+    assert data.expand_paths([str(root)]) == (expected, [])  # prediction
+    items, _ = data.labelled_files(root, None, None, "sensitive", 4, "0123456789")
+    assert [path for path, _ in items] == expected
+
+
 def test_cache_means_a_second_run_decodes_nothing(digits, tmp_path, monkeypatch):
     paths = data.find_images(digits)[:10]
     first, digests, failures = data.load_images(paths, SIZE, tmp_path)

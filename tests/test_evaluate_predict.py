@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 import data
@@ -171,3 +172,95 @@ def test_a_file_that_is_not_a_model_is_one_clear_line(tmp_path, known_folder):
     for script in ("predict.py", "evaluate.py"):
         args = [known_folder] if script == "predict.py" else []
         assert_one_line_error(run_script(script, "--model", fake, *args), "is not a model made by train.py")
+
+
+def test_missing_held_out_images_are_skipped_and_a_moved_data_folder_is_named(trained_run, recognizer, tmp_path,
+                                                                              capsys, monkeypatch):
+    monkeypatch.setattr(predict.Recognizer, "load", lambda *args: recognizer)
+    run, folder = tmp_path / "run", tmp_path / "data"
+    shutil.copytree(trained_run.parent / "data" / "synthetic", folder)
+    run.mkdir()
+    shutil.copy(trained_run / "test_split.csv", run)
+    settings = yaml.safe_load((trained_run / "config.yaml").read_text())
+    settings["data"]["dir"] = str(folder)
+    (run / "config.yaml").write_text(yaml.safe_dump(settings))
+    held_out, _ = data.read_labels_csv(run / "test_split.csv", folder)
+    gone = sorted(held_out)[0]
+    (folder / gone).unlink()
+    report = json.loads(run_main(evaluate, capsys, "--model", run, "--json"))
+    assert report["count"] == len(held_out) - 1 and report["skipped_reasons"] == {"missing file": 1}
+    assert report["skipped_items"] == [{"path": gone, "label": held_out[gone], "reason": "missing file"}]
+    assert "skipped 1 (1 missing file)" in run_main(evaluate, capsys, "--model", run)
+    folder.rename(tmp_path / "moved")
+    with pytest.raises(UserError, match=f"data folder {folder} .*{run / 'config.yaml'}.* no longer exists"):
+        evaluate.main(["--model", str(run)])
+
+
+@pytest.mark.parametrize("script", [predict, evaluate])
+@pytest.mark.parametrize("batch_size", ["0", "-5"])
+def test_a_batch_size_below_one_is_refused(script, batch_size, trained_run, known_folder):
+    paths = [str(known_folder)] if script is predict else []
+    with pytest.raises(UserError, match=f"batch size must be at least 1, got {batch_size}"):
+        script.main(["--model", str(trained_run), *paths, "--batch-size", batch_size])
+
+
+def test_a_huge_batch_size_pads_only_to_the_images_there_are():
+    shapes = []
+
+    def run_batch(batch):
+        shapes.append(len(batch))
+        return [np.full((len(batch), 10), 0.1)] * 4
+
+    recognizer = predict.Recognizer(run_batch, {"image_size": [32, 64], "charset": "0123456789", "length": 4},
+                                    batch_size=100_000)
+    recognizer.read(np.zeros((300, 32, 64, 3), np.uint8))  # train.py's held-out scoring of a few hundred images
+    recognizer.read(np.zeros((1, 32, 64, 3), np.uint8))  # predict.py on one file
+    assert shapes == [512, 1]
+
+
+def test_output_files_are_checked_before_the_model_loads(trained_run, recognizer, known_folder, tmp_path, monkeypatch):
+    monkeypatch.setattr(predict.Recognizer, "load", lambda *args: pytest.fail("the model loaded first"))
+    errors = tmp_path / "errors.csv"
+    errors.write_text("precious")
+    cases = [
+        (predict, [known_folder, "--output", tmp_path / "missing" / "read.csv"], "there is no folder"),
+        (evaluate, ["--errors", tmp_path / "missing" / "errors.csv"], "there is no folder"),
+        (evaluate, ["--errors", errors], "exists; pass --overwrite"),  # as predict.py --output
+    ]
+    for script, args, fragment in cases:
+        with pytest.raises(UserError, match=fragment):
+            script.main(["--model", str(trained_run), *map(str, args)])
+    monkeypatch.undo()
+    monkeypatch.setattr(predict.Recognizer, "load", lambda *args: recognizer)
+    assert evaluate.main(["--model", str(trained_run), "--errors", str(errors), "--overwrite"]) == 0
+    assert errors.read_text().startswith("path,label,prediction")
+
+
+def test_an_interrupted_predict_leaves_no_partial_output(recognizer, known_folder, tmp_path, monkeypatch):
+    def interrupted(recognizer, paths, desc="reading"):
+        yield paths[0], recognizer.predict([paths[0]])[0], None
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict.Recognizer, "load", lambda *args: recognizer)
+    monkeypatch.setattr(predict, "read_files", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        predict.main(["--model", "run", str(known_folder), "--output", str(tmp_path / "out.csv")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recognizer_scales_float_and_16_bit_arrays_like_files_and_takes_one_image(recognizer, digits):
+    paths = data.find_images(digits)[:8]
+    pixels = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    from_files = recognizer.predict(paths)
+    for arrays in ([p.astype(np.float32) / 255 for p in pixels], [p.astype(np.uint16) * 257 for p in pixels]):
+        np.testing.assert_array_equal(data.decode_image(arrays[0], recognizer.image_size),
+                                      data.decode_image(paths[0], recognizer.image_size))
+        readings = recognizer.predict(arrays)
+        assert [r.text for r in readings] == [r.text for r in from_files]
+        assert [r.confidence for r in readings] == pytest.approx([r.confidence for r in from_files])
+    for bad in (pixels[0] - 300.0, pixels[0].astype(np.int32) * 1000, np.full((32, 64), np.nan)):
+        with pytest.raises(data.ImageError, match="pixel values from"):
+            recognizer.predict([bad])
+    one = recognizer.predict(str(paths[0]))  # one path, not a list of characters
+    assert [r.text for r in one] == [from_files[0].text]
+    assert [r.text for r in recognizer.predict(pixels[0])] == [from_files[0].text]

@@ -15,6 +15,18 @@ import data
 import model
 import train
 from conftest import ROOT, assert_one_line_error, overrides, run_script
+from PIL import Image
+
+
+def copy_digits(digits, folder, count, start=0):
+    folder.mkdir(exist_ok=True)
+    for path in data.find_images(digits)[start:start + count]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def tiny_config(folder, cache_dir, *extra):
+    return train.resolved(config.load_config(None, overrides(f"data.dir={folder}", *extra, cache_dir=cache_dir)))
 
 
 def test_a_run_leaves_a_reloadable_model_with_its_metadata(trained_run, digits):
@@ -73,9 +85,8 @@ def test_bad_labels_stop_training_naming_the_files(tmp_path, digits, cache_dir):
 def test_wrong_case_labels_point_to_the_case_policy(tmp_path, digits, cache_dir):
     folder = tmp_path / "letters"
     folder.mkdir()
-    source = data.find_images(digits)[0].read_bytes()
-    for name in ("abcd_1.png", "ABCD_2.png", "xyzw_3.png"):
-        (folder / name).write_bytes(source)
+    for name, source in zip(("abcd_1.png", "ABCD_2.png", "xyzw_3.png"), data.find_images(digits)):
+        (folder / name).write_bytes(source.read_bytes())  # three different images: identical ones cannot be split
     cfg = config.load_config(None, overrides("data.charset=ABCDWXYZ", f"data.dir={folder}", cache_dir=cache_dir))
     with pytest.raises(config.UserError, match="data.case=lower or upper"):
         train.prepare_data(train.resolved(cfg))
@@ -141,10 +152,7 @@ def test_imagenet_download_failure_falls_back_or_stops(monkeypatch, capsys):
 
 def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path, digits, cache_dir):
     """Killed during epoch 2 of 4, the rerun picks up after epoch 1 and finishes with 4 epochs."""
-    small = tmp_path / "small"
-    small.mkdir()
-    for path in data.find_images(digits)[:48]:
-        (small / path.name).write_bytes(path.read_bytes())
+    small = copy_digits(digits, tmp_path / "small", 48)
     command = [sys.executable, str(ROOT / "train.py"), "--run-dir", str(tmp_path / "run"),
                *[arg for o in overrides("train.epochs=4", "train.patience=10", f"data.dir={small}",
                                         "train.batch_size=8", cache_dir=cache_dir) for arg in ("--set", o)]]
@@ -230,3 +238,102 @@ def test_inference_reads_training_images_as_fit_does_and_the_recorded_score_is_e
     report, _ = evaluate.evaluate(recognizer, items, root)
     assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
     assert report["per_position_accuracy"] == [float(chosen[f"val_char_{i}_accuracy"]) for i in (1, 2)]
+
+
+def test_a_second_train_on_a_live_run_dir_is_refused_naming_the_first(tmp_path, digits, cache_dir):
+    """While one train.py holds the run directory, another stops with one line; once the first is
+    killed with kill -9, its lock is gone and the run can resume."""
+    small, run = copy_digits(digits, tmp_path / "small", 48), tmp_path / "run"
+    settings = overrides("train.epochs=1", f"data.dir={small}", "train.batch_size=8", cache_dir=cache_dir)
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--run-dir", str(run),
+                              *[arg for o in settings for arg in ("--set", o)]],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        deadline, lock = time.time() + 240, run / train.LOCK_FILE
+        while first.poll() is None and time.time() < deadline and not (
+                lock.exists() and lock.read_text().strip() == str(first.pid)):
+            time.sleep(0.05)
+        assert first.poll() is None, "the first train.py must still be training"
+        with pytest.raises(config.UserError, match=f"another process \\(pid {first.pid}\\) is training into {run}"):
+            train.train(config.load_config(None, settings), run)
+    finally:
+        first.kill()
+        first.wait()
+    train.lock_run_dir(run)  # raises if the killed process's lock still blocked the resume
+    train.held_locks.pop(os.path.abspath(run)).close()
+
+
+def test_resuming_on_changed_data_is_refused(tmp_path, digits, cache_dir, monkeypatch):
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(*args, **kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(train, "build_model", interrupt)  # stop each attempt once the run directory is set up
+    folder, run = copy_digits(digits, tmp_path / "data", 30), tmp_path / "run"
+    cfg = tiny_config(folder, cache_dir)
+    with pytest.raises(Interrupted):
+        train.train(cfg, run)
+    copy_digits(digits, folder, 10, start=30)
+    with pytest.raises(config.UserError, match=r"changed since .*27 to train and 3 held out then, 36 and 4 now"):
+        train.train(cfg, run)
+    for path in data.find_images(digits)[30:40]:
+        (folder / path.name).unlink()
+    with pytest.raises(Interrupted):  # the same data again: it resumes
+        train.train(cfg, run)
+
+
+def test_identical_images_never_take_a_whole_side_of_the_split(tmp_path, digits, cache_dir):
+    for seed in range(10):  # whichever group the seed puts first
+        train_idx, test_idx = data.split_train_test(["same"] * 40 + ["other"], 0.5, seed)
+        assert len(train_idx) and len(test_idx) and len(train_idx) + len(test_idx) == 41
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    source = data.find_images(digits)[0].read_bytes()
+    for i in range(41):
+        (folder / f"1234_{i}.png").write_bytes(source)
+    with pytest.raises(config.UserError, match="all 41 readable images are identical"):
+        train.prepare_data(tiny_config(folder, cache_dir))
+
+
+def test_duplicates_are_found_by_their_pixels_and_kept_on_one_side(tmp_path, digits, cache_dir, capsys):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    for path in data.find_images(digits)[:20]:
+        Image.open(path).save(folder / f"{path.stem}_a.png")
+        Image.open(path).save(folder / f"{path.stem}_b.bmp")
+    dataset = train.prepare_data(tiny_config(folder, cache_dir, "data.test_fraction=0.3"))
+    pair = {side: {dataset["items"][i][0].stem[:-2] for i in dataset[side]} for side in ("train", "test")}
+    assert len(pair["test"]) >= 5 and not pair["train"] & pair["test"]
+    assert "20 duplicate images (20 groups" in capsys.readouterr().out
+
+
+def test_label_rows_outside_the_data_folder_are_refused_unless_allowed(tmp_path, digits, cache_dir, capsys):
+    folder = copy_digits(digits, tmp_path / "data", 2)
+    outside = copy_digits(digits, tmp_path / "elsewhere", 2, start=2)
+    inside_rows = [f"{path.name},{path.name[:4]}" for path in sorted(folder.iterdir())]
+    escaping = sorted(outside.iterdir())
+    (tmp_path / "labels.csv").write_text("\n".join([
+        *inside_rows, f"../elsewhere/{escaping[0].name},{escaping[0].name[:4]}",
+        f"{escaping[1]},{escaping[1].name[:4]}", "../../../../../../etc/passwd,1234"]))
+    labels = f"data.labels={tmp_path / 'labels.csv'}"
+    dataset = train.prepare_data(tiny_config(folder, cache_dir, labels))
+    assert len(dataset["items"]) == 2
+    assert "3 rows name files outside" in capsys.readouterr().out
+    dataset = train.prepare_data(tiny_config(folder, cache_dir, labels, "data.allow_outside_dir=true"))
+    used = {dataset["items"][i][0].resolve() for i in [*dataset["train"], *dataset["test"]]}
+    assert used == {*folder.iterdir(), *outside.iterdir()}  # and /etc/passwd, even allowed, is no captcha
+
+
+def test_run_dir_or_config_paths_of_the_wrong_kind_are_one_clear_line(tmp_path, digits, cache_dir):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    settings = [arg for o in overrides(f"data.dir={digits}", cache_dir=cache_dir) for arg in ("--set", o)]
+    for run_dir in (a_file, a_file / "run"):
+        with pytest.raises(config.UserError, match=f"--run-dir {run_dir}: {a_file} is a file, not a folder"):
+            train.main(["--run-dir", str(run_dir), *settings])
+    with pytest.raises(config.UserError, match=f"config file {tmp_path} cannot be read: Is a directory"):
+        train.main(["--config", str(tmp_path), *settings])
+    with pytest.raises(config.UserError, match=f"label file {tmp_path} cannot be read: Is a directory"):
+        train.main(["--run-dir", str(tmp_path / "run"), *settings, "--set", f"data.labels={tmp_path}"])
