@@ -260,7 +260,7 @@ function check(card) {
 }
 
 // Labelled cards are wrong readings (evaluate.py); unlabelled ones are readings to check (predict.py).
-const labelled = cards.some(card => card.label !== null);
+const labelled = page.report !== null || cards.some(card => card.label !== null);
 const filters = {
   all: [labelled ? "all errors" : "all readings", () => true],
   suspected: ["suspected label errors only", card => card.suspected],
@@ -323,7 +323,7 @@ for (const card of cards) {
   fragment.append(card.element);
 }
 const grid = document.getElementById("cards");
-grid.append(fragment);
+grid.append(cards.length ? fragment : el("p", "muted", labelled ? "No wrong readings." : "No captchas read."));
 grid.addEventListener("keydown", move);
 const filter = document.getElementById("filter");
 for (const [name, [text, keep]] of Object.entries(filters)) {
