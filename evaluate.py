@@ -1,10 +1,11 @@
 """Score a trained model on every image of a labelled set: whole-string accuracy and more.
 
-    python evaluate.py --model RUN_DIR_OR_MODEL [--data DIR] [--labels CSV] [--json] [--errors FILE.csv] [--overwrite]
-                       [--batch-size N]
+    python evaluate.py --model RUN_DIR_OR_MODEL [--data DIR] [--labels CSV] [--json] [--errors FILE.csv]
+                       [--html FILE.html] [--batch-size N] [--overwrite]
 
 Without --data it scores the run's held-out split (optionally against the labels of --labels).
 With --data it scores any folder, labelled by file name as in training, or by --labels.
+--html writes a review page of the wrong readings, to look at them and correct labels (see review.py).
 """
 import argparse
 import collections
@@ -20,11 +21,12 @@ from config import UserError, quiet_backend_startup, run
 
 quiet_backend_startup()
 import data  # noqa: E402
+import review  # noqa: E402
 from model import model_path  # noqa: E402
-from predict import DEFAULT_BATCH_SIZE, Recognizer, check_output, read_files  # noqa: E402
+from predict import DEFAULT_BATCH_SIZE, SURE_CONFIDENCE, Recognizer, check_output, read_files  # noqa: E402
 
 # A wrong reading this sure of itself is more often a wrong label than a wrong reading.
-SUSPECT_CONFIDENCE = 0.9
+SUSPECT_CONFIDENCE = SURE_CONFIDENCE
 COVERAGES = (1.0, 0.95, 0.9, 0.8)
 
 
@@ -157,6 +159,18 @@ def write_errors(path, rows):
                              "yes" if row["suspected_label_error"] else "", row.get("reason", "")])
 
 
+def write_review(path, report, rows, items, root, meta):
+    """The review page of the wrong readings, most confident first, each label in a box to correct; its
+    download lists every scored image."""
+    skipped = {item["path"] for item in report["skipped_items"]}
+    scored = [(data.shown_path(p, root), label) for p, label in items]
+    cards = [{"path": row["path"], "label": row["label"], "reading": row["prediction"], "confidence": row["confidence"],
+              "suspected": row["suspected_label_error"]} for row in rows if "reason" not in row]
+    review.write_page(path, f"Wrong readings of {report['data']}, most confident first", report["model"], root, cards,
+                      [(name, label) for name, label in scored if name not in skipped], meta, SUSPECT_CONFIDENCE,
+                      report)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="run directory, .keras file or export (.onnx, .tflite, "
@@ -165,11 +179,14 @@ def main(argv=None):
     parser.add_argument("--labels", help="filename,label CSV: labels for --data, or for the held-out split")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("--errors", help="write wrong and skipped items to this CSV, most confident first")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --errors file")
+    parser.add_argument("--html", help="write a review page of the wrong readings, to look at them and correct labels")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --errors or --html file")
     args = parser.parse_args(argv)
 
     check_output(args.errors, args.overwrite, "--errors", (".csv",))
+    if args.html:
+        review.check_page_path(args.html, args.overwrite)
     recognizer = Recognizer.load(args.model, args.batch_size)
     meta = recognizer.metadata
     if args.data:
@@ -185,6 +202,8 @@ def main(argv=None):
     report.update({"model": str(model_path(args.model)), "data": source})
     if args.errors:
         write_errors(args.errors, rows)
+    if args.html:
+        write_review(args.html, report, rows, items, root, meta)
     if args.json:
         print(json.dumps(report))
     else:

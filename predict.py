@@ -1,10 +1,12 @@
 """Read captchas with a trained model.
 
-    python predict.py --model RUN_DIR_OR_MODEL PATH... [--output FILE.csv|FILE.jsonl] [--batch-size N] [--overwrite]
+    python predict.py --model RUN_DIR_OR_MODEL PATH... [--output FILE.csv|FILE.jsonl] [--html FILE.html]
+                      [--batch-size N] [--overwrite]
 
 A PATH is a folder (read recursively), a file or a glob. Rows are `path,prediction,confidence`;
 JSONL adds the confidence of each position. An unreadable file is reported on stderr and
-the others are still read; the exit status is then 1.
+the others are still read; the exit status is then 1. --html writes a review page of the readings,
+least confident first, to correct them into labels (see review.py).
 
 The model is a run directory, a .keras file, or an export made by export.py: X.onnx, X.tflite or a
 SavedModel folder, with its metadata beside it (X.onnx.json, ...). An ONNX model needs only onnxruntime:
@@ -32,9 +34,13 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import review
 from config import UserError, quiet_backend_startup, run
 
 DEFAULT_BATCH_SIZE = 64
+# A reading at least this confident is trusted: evaluate.py suspects the label of a wrong one, and a
+# review page calls the others unsure.
+SURE_CONFIDENCE = 0.9
 
 
 class Reading(NamedTuple):
@@ -302,17 +308,32 @@ def open_output(path):
     os.replace(partial, path)
 
 
+def write_review(path, model, paths, read, metadata):
+    """The review page of read = [(path, Reading)], least confident first, each reading the label to correct.
+    Its paths are relative to the folder that holds every input, the data.dir to train on."""
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    shown = [(data.shown_path(os.path.abspath(p), root), reading) for p, reading in read]
+    cards = [{"path": name, "label": None, "reading": reading.text, "confidence": reading.confidence,
+              "suspected": False} for name, reading in sorted(shown, key=lambda item: item[1].confidence)]
+    review.write_page(path, f"Readings of {len(read)} captchas, least confident first", model, root, cards,
+                      [(name, reading.text) for name, reading in shown], metadata, SURE_CONFIDENCE)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="run directory, .keras file or export (.onnx, .tflite, "
                                                        "SavedModel folder)")
     parser.add_argument("paths", nargs="+", metavar="PATH", help="folder, file or glob")
     parser.add_argument("--output", help="FILE.csv or FILE.jsonl (default: CSV on stdout)")
+    parser.add_argument("--html", help="also write a review page, least confident first, to correct the readings "
+                                       "into labels")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output or --html file")
     args = parser.parse_args(argv)
 
     check_output(args.output, args.overwrite)
+    if args.html:
+        review.check_page_path(args.html, args.overwrite)
     paths, unmatched = data.expand_paths(args.paths)
     for arg in unmatched:
         print(f"{arg}: no such file, folder or matching image", file=sys.stderr)
@@ -320,7 +341,7 @@ def main(argv=None):
         raise UserError(f"no images found in {' '.join(args.paths)}")
     recognizer = Recognizer.load(args.model, args.batch_size)
     jsonl = args.output is not None and args.output.lower().endswith(".jsonl")
-    failed = len(unmatched)
+    failed, read = len(unmatched), []
     with open_output(args.output) as out:
         writer = None if jsonl else csv.writer(out)
         if writer:
@@ -336,6 +357,10 @@ def main(argv=None):
                           + "\n")
             else:
                 writer.writerow([path, reading.text, f"{reading.confidence:.6f}"])
+            if args.html and reading:
+                read.append((path, reading))
+    if args.html:
+        write_review(args.html, args.model, paths, read, recognizer.metadata)
     if failed:
         print(f"{failed} of {len(paths) + len(unmatched)} inputs could not be read; the other rows are written",
               file=sys.stderr)
