@@ -1,12 +1,13 @@
 """Read captchas with a trained model.
 
     python predict.py --model RUN_DIR_OR_MODEL PATH... [--output FILE.csv|FILE.jsonl] [--html FILE.html]
-                      [--batch-size N] [--overwrite]
+                      [--least-confident N] [--batch-size N] [--overwrite]
 
 A PATH is a folder (read recursively), a file or a glob. Rows are `path,prediction,confidence`;
 JSONL adds the confidence of each position. An unreadable file is reported on stderr and
 the others are still read; the exit status is then 1. --html writes a review page of the readings,
-least confident first, to correct them into labels (see review.py).
+least confident first, to correct them into labels (see review.py). --least-confident N writes
+only the N least confident readings, as a label CSV to correct: the captchas to label next.
 
 The model is a run directory, a .keras file, or an export made by export.py: X.onnx, X.tflite or a
 SavedModel folder, with its metadata beside it (X.onnx.json, ...). An ONNX model needs only onnxruntime:
@@ -16,6 +17,7 @@ From Python:
     from predict import Recognizer
     recognizer = Recognizer.load("runs/20260101-120000")
     recognizer.predict(["a.png", open("b.jpg", "rb").read(), pil_image, numpy_array])
+    least_confident(list(zip(paths, recognizer.predict(paths))), 100)  # the captchas to label next
 """
 import argparse
 import contextlib
@@ -308,10 +310,30 @@ def open_output(path):
     os.replace(partial, path)
 
 
+def least_confident(read, count):
+    """The count (path, Reading) pairs of read that the model is least sure of, least sure first:
+    labelling these gains the most."""
+    return sorted(read, key=lambda item: item[1].confidence)[:count]
+
+
+def inputs_root(paths):
+    """The folder that holds every input: the data.dir that labels written for them are relative to."""
+    return os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+
+
+def write_to_label(out, read, root):
+    """(path, Reading) pairs as a label CSV that data.labels reads, each reading the label to correct."""
+    writer = csv.writer(out)
+    writer.writerow(["filename", "label", "confidence"])
+    for path, reading in read:
+        writer.writerow([data.shown_path(os.path.abspath(path), root).replace(os.sep, "/"), reading.text,
+                         f"{reading.confidence:.6f}"])
+
+
 def write_review(path, model, paths, read, metadata):
     """The review page of read = [(path, Reading)], least confident first, each reading the label to correct.
     Its paths are relative to the folder that holds every input, the data.dir to train on."""
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    root = inputs_root(paths)
     shown = [(data.shown_path(os.path.abspath(p), root), reading) for p, reading in read]
     cards = [{"path": name, "label": None, "reading": reading.text, "confidence": reading.confidence,
               "suspected": False} for name, reading in sorted(shown, key=lambda item: item[1].confidence)]
@@ -327,11 +349,17 @@ def main(argv=None):
     parser.add_argument("--output", help="FILE.csv or FILE.jsonl (default: CSV on stdout)")
     parser.add_argument("--html", help="also write a review page, least confident first, to correct the readings "
                                        "into labels")
+    parser.add_argument("--least-confident", type=int, metavar="N",
+                        help="write only the N readings the model is least sure of, least sure first, as a label CSV "
+                             "(filename,label,confidence) relative to the folder of the inputs: the captchas to "
+                             "label next")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output or --html file")
     args = parser.parse_args(argv)
 
-    check_output(args.output, args.overwrite)
+    if args.least_confident is not None and args.least_confident < 1:
+        raise UserError(f"--least-confident must be at least 1, got {args.least_confident}")
+    check_output(args.output, args.overwrite, suffixes=(".csv",) if args.least_confident else (".csv", ".jsonl"))
     if args.html:
         review.check_page_path(args.html, args.overwrite)
     paths, unmatched = data.expand_paths(args.paths)
@@ -343,13 +371,15 @@ def main(argv=None):
     jsonl = args.output is not None and args.output.lower().endswith(".jsonl")
     failed, read = len(unmatched), []
     with open_output(args.output) as out:
-        writer = None if jsonl else csv.writer(out)
+        writer = None if jsonl or args.least_confident else csv.writer(out)
         if writer:
             writer.writerow(["path", "prediction", "confidence"])
         for path, reading, error in read_files(recognizer, [str(p) for p in paths]):
             if error:
                 failed += 1
                 print(f"{path}: {error}", file=sys.stderr)
+            elif args.least_confident:
+                pass  # written once every reading is in
             elif jsonl:
                 out.write(json.dumps({"path": path, "prediction": reading.text,
                                       "confidence": round(reading.confidence, 6),
@@ -357,8 +387,10 @@ def main(argv=None):
                           + "\n")
             else:
                 writer.writerow([path, reading.text, f"{reading.confidence:.6f}"])
-            if args.html and reading:
+            if reading and (args.html or args.least_confident):
                 read.append((path, reading))
+        if args.least_confident:
+            write_to_label(out, least_confident(read, args.least_confident), inputs_root(paths))
     if args.html:
         write_review(args.html, args.model, paths, read, recognizer.metadata)
     if failed:

@@ -264,3 +264,20 @@ def test_recognizer_scales_float_and_16_bit_arrays_like_files_and_takes_one_imag
     one = recognizer.predict(str(paths[0]))  # one path, not a list of characters
     assert [r.text for r in one] == [from_files[0].text]
     assert [r.text for r in recognizer.predict(pixels[0])] == [from_files[0].text]
+
+
+def test_least_confident_readings_are_written_as_a_label_csv_to_correct(trained_run, known_folder, tmp_path, capsys):
+    out = tmp_path / "to_label.csv"
+    run_main(predict, capsys, "--model", trained_run, known_folder, "--least-confident", 4, "--output", out)
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    readings = predict.Recognizer.load(trained_run).predict(sorted(known_folder.iterdir()))
+    expected = sorted(zip(sorted(p.name for p in known_folder.iterdir()), readings), key=lambda x: x[1].confidence)[:4]
+    assert [(row["filename"], row["label"]) for row in rows] == [(name, r.text) for name, r in expected]
+    confidences = [float(row["confidence"]) for row in rows]
+    assert confidences == sorted(confidences)
+    table, notes = data.read_labels_csv(out, known_folder)  # what data.labels reads for the next train.py run
+    assert sorted(table) == sorted(row["filename"] for row in rows) and not notes
+    with pytest.raises(UserError, match="expected a .csv file"):
+        predict.main(["--model", str(trained_run), str(known_folder), "--least-confident", "3", "--output",
+                      str(tmp_path / "x.jsonl")])
