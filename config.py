@@ -21,6 +21,8 @@ CHOICES = {
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribute": ("none", "data_parallel"),
 }
+# data.length is the one key of two types: a number (a fixed length) or a range of lengths.
+LENGTH_RULE = "a number of characters like 4, or a range MIN-MAX like 4-6 with 1 <= MIN < MAX"
 
 
 def quiet_backend_startup():
@@ -63,8 +65,23 @@ def flatten(cfg):
     return {f"{s}.{k}": v for s, keys in cfg.items() for k, v in keys.items()}
 
 
+def length_range(value):
+    """data.length -> (shortest, longest): a number is a fixed length, `MIN-MAX` a range. None when
+    it is neither, or out of bounds (see LENGTH_RULE)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value) if value >= 1 else None
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value) if isinstance(value, str) else None
+    shortest, longest = (int(match[1]), int(match[2])) if match else (0, 0)
+    return (shortest, longest) if 1 <= shortest < longest else None
+
+
 def checked_value(key, value, default, source):
     """Returns value with the type of default, or raises UserError."""
+    if key == "data.length":
+        lengths = length_range(value)
+        if lengths is None:
+            raise UserError(f"{source}: data.length must be {LENGTH_RULE}, got {value!r}")
+        return value if isinstance(value, int) else f"{lengths[0]}-{lengths[1]}"
     kind = type(default)
     expected = {type(None): "a string or null", bool: "true or false", int: "an integer", float: "a number",
                 str: "a string", list: f"a list like {default}"}
@@ -118,7 +135,7 @@ def validate(cfg):
     if min(height, width) < MIN_IMAGE_SIDE:
         raise UserError(f"data.image_size {data['image_size']} is too small for the backbone, which "
                         f"downsamples by 32: each side must be at least {MIN_IMAGE_SIDE} pixels")
-    bounds = [("data.length", data["length"] >= 1), ("data.max_train_images", data["max_train_images"] >= 0),
+    bounds = [("data.max_train_images", data["max_train_images"] >= 0),
               ("data.test_fraction", 0 < data["test_fraction"] < 1),
               ("model.dropout", 0 <= model["dropout"] < 1), ("train.epochs", train["epochs"] >= 1),
               ("train.batch_size", train["batch_size"] >= 1), ("train.learning_rate", train["learning_rate"] > 0),

@@ -4,13 +4,14 @@ Every path that turns an image into model input (training, evaluation, predictio
 goes through decode_image(), so they can never disagree. This module does not
 import Keras, so that decoding workers start fast.
 
-    python data.py synth --out DIR --count N [--length 4] [--charset CHARS] [--size HxW] [--seed S]
+    python data.py synth --out DIR --count N [--length 4|4-6] [--charset CHARS] [--size HxW] [--seed S]
 """
 import argparse
 import csv
 import glob
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from config import UserError
+from config import LENGTH_RULE, UserError, length_range
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # Captchas are small: refuse larger images from their header, before decoding them.
@@ -173,10 +174,10 @@ def normalise_label(label, case):
     return {"lower": label.lower(), "upper": label.upper()}.get(case, label)
 
 
-def label_from_name(path, pattern, fits, length):
+def label_from_name(path, pattern, fits, lengths):
     """The label in a file name: data.label_pattern if set, else the first of `LABEL`,
-    `LABEL_anything` and `anything_LABEL` that fits the expected length and charset, or failing
-    that the length alone (so that an error can name the characters that do not fit)."""
+    `LABEL_anything` and `anything_LABEL` that fits the expected lengths (shortest, longest) and
+    charset, or failing that the lengths alone (so that an error can name the characters that do not fit)."""
     stem = Path(path).stem
     if pattern:
         match = re.fullmatch(pattern, stem)
@@ -186,7 +187,7 @@ def label_from_name(path, pattern, fits, length):
         return match.group("label") if "label" in regex.groupindex else match.group(1 if regex.groups else 0)
     candidates = [stem, stem.split("_", 1)[0], stem.rsplit("_", 1)[-1]]
     return next((c for c in candidates if fits(c)), None) or next(
-        (c for c in candidates if len(c.strip()) == length), stem)
+        (c for c in candidates if lengths[0] <= len(c.strip()) <= lengths[1]), stem)
 
 
 def read_labels_csv(csv_path, root, allow_outside=False, keep_missing=False):
@@ -245,8 +246,8 @@ def is_inside(root, name):
     return os.path.commonpath([root, os.path.abspath(os.path.join(root, name))]) == root
 
 
-def labelled_files(root, labels_csv, pattern, case, length, charset, allow_outside=False):
-    """-> ([(path, label)], notes). Labels are normalised but not yet validated."""
+def labelled_files(root, labels_csv, pattern, case, lengths, charset, allow_outside=False):
+    """-> ([(path, label)], notes). lengths: (shortest, longest). Labels are normalised but not yet validated."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder not found: {root}")
@@ -262,9 +263,9 @@ def labelled_files(root, labels_csv, pattern, case, length, charset, allow_outsi
 
     def fits(label):
         label = normalise_label(label, case)
-        return len(label) == length and (charset is None or set(label) <= set(charset))
+        return lengths[0] <= len(label) <= lengths[1] and (charset is None or set(label) <= set(charset))
 
-    items = [(path, label_from_name(path, pattern, fits, length)) for path in files]
+    items = [(path, label_from_name(path, pattern, fits, lengths)) for path in files]
     unmatched = [p for p, label in items if label is None]
     notes = []
     if unmatched:
@@ -276,22 +277,27 @@ def labelled_files(root, labels_csv, pattern, case, length, charset, allow_outsi
     return items, notes
 
 
-def label_problem(label, length, charset):
-    """Why a label cannot be scored or trained on, or None."""
-    if len(label) != length:
-        return f"length {len(label)}, not {length}"
+def label_problem(label, lengths, charset):
+    """Why a label cannot be scored or trained on, or None. lengths: (shortest, longest)."""
+    if not lengths[0] <= len(label) <= lengths[1]:
+        return f"length {len(label)}, not {shown_lengths(lengths)}"
     unknown = sorted(set(label) - set(charset)) if charset is not None else []
     if unknown:
         return f"characters not in the charset: {''.join(unknown)!r}"
     return None
 
 
-def split_by_label_problem(items, length, charset):
+def split_by_label_problem(items, lengths, charset):
     good, bad = [], []
     for path, label in items:
-        problem = label_problem(label, length, charset)
+        problem = label_problem(label, lengths, charset)
         (bad if problem else good).append((path, label, problem) if problem else (path, label))
     return good, bad
+
+
+def shown_lengths(lengths):
+    """(4, 4) -> "4"; (4, 6) -> "4-6", as data.length is written."""
+    return str(lengths[0]) if lengths[0] == lengths[1] else f"{lengths[0]}-{lengths[1]}"
 
 
 def shown_path(path, root):
@@ -308,14 +314,29 @@ def infer_charset(labels):
     return "".join(sorted(set("".join(labels))))
 
 
-def encode(labels, charset):
-    index = {c: i for i, c in enumerate(charset)}
-    length = len(labels[0]) if labels else 0
-    return np.array([[index[c] for c in label] for label in labels], dtype=np.int32).reshape(len(labels), length)
+def model_lengths(metadata):
+    """A model's (shortest, longest) label length. Its metadata's `length` is the number of heads;
+    models made before length ranges have no `min_length`."""
+    return metadata.get("min_length", metadata["length"]), metadata["length"]
+
+
+def class_count(charset, lengths):
+    """Classes of each head: the charset's characters and, for a range of lengths only, the blank
+    ("no character here"), whose index is len(charset)."""
+    return len(charset) + (lengths[0] < lengths[1])
+
+
+def encode(labels, charset, length):
+    """Labels -> N x length class indices, where length is the number of heads: a shorter label is
+    padded at the end with the blank, len(charset)."""
+    index, blank = {c: i for i, c in enumerate(charset)}, len(charset)
+    rows = [[index[c] for c in label] + [blank] * (length - len(label)) for label in labels]
+    return np.array(rows, dtype=np.int32).reshape(len(labels), length)
 
 
 def decode(indices, charset):
-    return ["".join(charset[i] for i in row) for row in indices]
+    """Class indices -> texts: the characters of each row before its first blank."""
+    return ["".join(charset[i] for i in itertools.takewhile(lambda i: i < len(charset), row)) for row in indices]
 
 
 # ---------------------------------------------------------------- pixels, cached
@@ -394,20 +415,33 @@ def write_atomically(path, text):
     os.replace(tmp, path)
 
 
-def split_train_test(digests, test_fraction, seed):
+def split_train_test(digests, test_fraction, seed, strata=None):
     """Deterministic split of image indices. Identical images (same digest) always land
     on the same side, so a duplicate can never leak the test split into training. Given
-    two different images or more, each side holds at least one."""
-    groups = {}
+    two different images or more, each side holds at least one.
+
+    strata: one key per image (train.py gives each label's length); each stratum, counting a
+    group of identical images in the stratum of its first image, gives its own share to the test
+    split, so that the split keeps each length's share of the data."""
+    groups, strata = {}, [None] * len(digests) if strata is None else strata
     for i, digest in enumerate(digests):
         groups.setdefault(digest, []).append(i)
-    order = sorted(groups, key=lambda d: hashlib.sha1(f"{seed}:{d}".encode()).hexdigest())
-    target = max(1, round(len(digests) * test_fraction))
+    stratified = {}
+    for digest, members in groups.items():
+        stratified.setdefault(strata[members[0]], []).append(digest)
     test = []
-    for digest in order[:-1]:  # the last group always trains
-        if len(test) >= target:
-            break
-        test.extend(groups[digest])
+    def shuffled(digests):
+        return sorted(digests, key=lambda d: hashlib.sha1(f"{seed}:{d}".encode()).hexdigest())
+
+    for stratum in stratified.values():
+        target, taken = max(1, round(sum(len(groups[d]) for d in stratum) * test_fraction)), []
+        for digest in shuffled(stratum)[:-1]:  # the last group of each stratum always trains
+            if len(taken) >= target:
+                break
+            taken.extend(groups[digest])
+        test.extend(taken)
+    if not test and len(groups) > 1:  # every stratum is one group: one of them is held out
+        test = groups[shuffled(groups)[0]]
     test_set = set(test)
     train = [i for i in range(len(digests)) if i not in test_set]
     return np.array(train, dtype=np.int64), np.array(sorted(test), dtype=np.int64)
@@ -416,7 +450,9 @@ def split_train_test(digests, test_fraction, seed):
 # ---------------------------------------------------------------- synthetic captchas
 
 def synthesize(out, count, length=4, charset=SYNTH_CHARSET, size=(64, 128), seed=0):
-    """Writes `count` captchas drawn by the captcha package as LABEL_NNNNNN.png; the same seed gives the same files."""
+    """Writes `count` captchas drawn by the captcha package as LABEL_NNNNNN.png; the same seed gives the same files.
+    length: as data.length, a number or a range like "4-6", whose lengths take equal shares, in turn."""
+    shortest, longest = length_range(length)
     from unittest import mock
 
     import captcha.image
@@ -429,7 +465,7 @@ def synthesize(out, count, length=4, charset=SYNTH_CHARSET, size=(64, 128), seed
     generator = captcha.image.ImageCaptcha(width=size[1], height=size[0])
     with mock.patch.object(captcha.image, "secrets", seeded):
         for i in tqdm(range(count), desc=f"writing captchas to {out}", unit="img"):
-            label = "".join(rng.choice(charset) for _ in range(length))
+            label = "".join(rng.choice(charset) for _ in range(shortest + i % (longest - shortest + 1)))
             generator.generate_image(label).save(out / f"{label}_{i:06d}.png")
 
 
@@ -440,13 +476,20 @@ def parse_size(text):
     return int(match.group(1)), int(match.group(2))
 
 
+def parse_length(text):
+    value = int(text) if text.strip().isdigit() else text
+    if length_range(value) is None:
+        raise argparse.ArgumentTypeError(f"expected {LENGTH_RULE}, got {text!r}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     synth = commands.add_parser("synth", help="write synthetic captchas, labelled in their file names")
     synth.add_argument("--out", required=True, help="folder to write into")
     synth.add_argument("--count", type=int, required=True)
-    synth.add_argument("--length", type=int, default=4)
+    synth.add_argument("--length", type=parse_length, default=4, help="a number, or a range like 4-6 (default 4)")
     synth.add_argument("--charset", default=SYNTH_CHARSET)
     synth.add_argument("--size", type=parse_size, default=(64, 128), help="HEIGHTxWIDTH, default 64x128")
     synth.add_argument("--seed", type=int, default=0)

@@ -55,7 +55,8 @@ def held_out_items(model_arg, labels_csv, case):
 
 
 def score(truth, predicted, confidence, charset):
-    """truth, predicted: N x length index arrays; confidence: N. -> the report's figures."""
+    """truth, predicted: N x length index arrays, as data.encode makes them; confidence: N. -> the
+    report's figures. Past a text's end each position holds the blank, a class like any other."""
     right = predicted == truth
     whole = right.all(axis=1)
     order = np.argsort(-confidence, kind="stable")
@@ -69,14 +70,22 @@ def score(truth, predicted, confidence, charset):
         mask = truth == index
         if mask.any():
             per_character[char] = {"accuracy": float(right[mask].mean()), "count": int(mask.sum())}
+    symbols = list(charset) + [""]  # the blank, "no character here", is the empty string
     confusions = collections.Counter(
-        (charset[t], charset[p]) for t, p in zip(truth[~right], predicted[~right]))
+        (symbols[t], symbols[p]) for t, p in zip(truth[~right], predicted[~right]))
+    true_lengths, read_lengths = (np.sum(x != len(charset), axis=1) for x in (truth, predicted))
+    by_length = [{"length": int(n), "whole_string_accuracy": float(whole[true_lengths == n].mean()),
+                  "correct": int(whole[true_lengths == n].sum()), "count": int(np.sum(true_lengths == n))}
+                 for n in np.unique(true_lengths)]
+    length_confusion = collections.Counter(zip(true_lengths.tolist(), read_lengths.tolist()))
     return {
         "whole_string_accuracy": float(whole.mean()) if len(whole) else None,
         "correct": int(whole.sum()),
         "per_position_accuracy": [float(a) for a in right.mean(axis=0)] if len(whole) else [],
         "per_character_accuracy": per_character,
         "confusions": [{"true": t, "predicted": p, "count": n} for (t, p), n in confusions.most_common(10)],
+        "accuracy_by_length": by_length,
+        "length_confusion": [{"true": t, "read": r, "count": n} for (t, r), n in sorted(length_confusion.items())],
         "coverage": coverage,
     }
 
@@ -85,9 +94,10 @@ def evaluate(recognizer, items, root):
     """Reads every item -> (report, rows). Unreadable images and unscorable labels are
     counted with their reasons, never scored."""
     meta = recognizer.metadata
-    scorable, unscorable = data.split_by_label_problem(items, meta["length"], meta["charset"])
+    scorable, unscorable = data.split_by_label_problem(items, recognizer.lengths, meta["charset"])
     if not scorable:
-        raise UserError(f"none of the {len(items)} labels fit the model (length {meta['length']}, charset "
+        raise UserError(f"none of the {len(items)} labels fit the model (length "
+                        f"{data.shown_lengths(recognizer.lengths)}, charset "
                         f"{meta['charset']!r}): {data.describe(unscorable, root)}")
     if unscorable:
         print(f"note: {len(unscorable)} labels do not fit the model and are not scored: "
@@ -102,8 +112,8 @@ def evaluate(recognizer, items, root):
         else:
             readings[path] = reading
     paths = list(readings)
-    truth = data.encode([labels[p] for p in paths], meta["charset"])
-    predicted = data.encode([readings[p].text for p in paths], meta["charset"])
+    truth = data.encode([labels[p] for p in paths], meta["charset"], meta["length"])
+    predicted = data.encode([readings[p].text for p in paths], meta["charset"], meta["length"])
     confidence = np.array([readings[p].confidence for p in paths])
     report = score(truth, predicted, confidence, meta["charset"])
     rows = [{"path": data.shown_path(p, root), "label": labels[p], "prediction": readings[p].text,
@@ -127,18 +137,26 @@ def evaluate(recognizer, items, root):
 def print_report(report, source, meta):
     percent = lambda x: "n/a" if x is None else f"{100 * x:.2f}%"  # noqa: E731
     print(f"data: {source}")
-    print(f"model: {meta['backbone']}, charset {meta['charset']!r}, length {meta['length']}, "
+    print(f"model: {meta['backbone']}, charset {meta['charset']!r}, "
+          f"length {data.shown_lengths(data.model_lengths(meta))}, "
           f"input {meta['image_size'][0]}x{meta['image_size'][1]}")
     print(f"scored {report['count']} images, skipped {report['skipped']}"
           + (f" ({', '.join(f'{n} {r}' for r, n in report['skipped_reasons'].items())})" if report["skipped"] else ""))
     print(f"whole-string accuracy: {percent(report['whole_string_accuracy'])} "
           f"({report['correct']}/{report['count']})")
+    print("by length: " + "  ".join(f"{row['length']}: {percent(row['whole_string_accuracy'])} "
+                                    f"({row['correct']}/{row['count']})" for row in report["accuracy_by_length"]))
+    misread = [c for c in report["length_confusion"] if c["true"] != c["read"]]
+    if misread:
+        print("lengths misread (true -> read): "
+              + ", ".join(f"{c['true']}->{c['read']} x{c['count']}" for c in misread))
     print("per position: " + "  ".join(f"{i}: {percent(a)}" for i, a in enumerate(report["per_position_accuracy"], 1)))
     print("per character: " + "  ".join(f"{c!r} {percent(v['accuracy'])} ({v['count']})"
                                         for c, v in report["per_character_accuracy"].items()))
     if report["confusions"]:
+        shown = lambda symbol: symbol or "(none)"  # noqa: E731  (the blank: no character there)
         print("most frequent confusions (true -> predicted): "
-              + ", ".join(f"{c['true']}->{c['predicted']} x{c['count']}" for c in report["confusions"]))
+              + ", ".join(f"{shown(c['true'])}->{shown(c['predicted'])} x{c['count']}" for c in report["confusions"]))
     print("confidence coverage: " + "  ".join(
         f"top {100 * c['coverage']:.0f}%: {percent(c['whole_string_accuracy'])}" for c in report["coverage"]))
     suspects = report["suspected_label_errors"]
@@ -191,8 +209,8 @@ def main(argv=None):
     meta = recognizer.metadata
     if args.data:
         root = Path(args.data)
-        items, notes = data.labelled_files(root, args.labels, meta["label_pattern"], meta["case"], meta["length"],
-                                           meta["charset"])
+        items, notes = data.labelled_files(root, args.labels, meta["label_pattern"], meta["case"],
+                                           recognizer.lengths, meta["charset"])
         source = f"{root} (labels from {args.labels or 'file names'})"
     else:
         root, items, source, notes = held_out_items(args.model, args.labels, meta["case"])

@@ -3,7 +3,8 @@
     python export.py --model RUN_DIR_OR_MODEL --format onnx|tflite|savedmodel [--out PATH]
 
 The export takes raw uint8 pixels (N x H x W x 3), like the .keras model, and has one softmax
-output per position, named char_1..char_N. Its metadata (charset, length, image size, ...) is
+output per position, named char_1..char_N (for a range of lengths each has one class more, the
+blank, last: see data.encode). Its metadata (charset, length, min_length, image size, ...) is
 written beside it: X.onnx -> X.onnx.json, X.tflite -> X.tflite.json, SavedModel folder D -> D.json.
 predict.py and evaluate.py read exports like run directories: --model X.onnx.
 

@@ -48,11 +48,11 @@ SURE_CONFIDENCE = 0.9
 class Reading(NamedTuple):
     text: str
     confidence: float  # product of the positions' confidences: the chance that the whole string is right
-    position_confidences: list
+    position_confidences: list  # the probability of what the text puts at each position (past its end: the blank)
 
 
 class Recognizer:
-    """A trained model with its metadata, which alone decides the charset, length and input size.
+    """A trained model with its metadata, which alone decides the charset, lengths and input size.
 
     run_batch: uint8 array n x H x W x 3 -> one array of probabilities per position, where n is a
     power of two up to batch_size (see padded_size)."""
@@ -60,6 +60,7 @@ class Recognizer:
     def __init__(self, run_batch, metadata, batch_size=DEFAULT_BATCH_SIZE):
         self.run_batch, self.metadata, self.batch_size = run_batch, metadata, batch_size
         self.image_size = tuple(metadata["image_size"])
+        self.lengths = data.model_lengths(metadata)
 
     @classmethod
     def load(cls, path, batch_size=DEFAULT_BATCH_SIZE, precision="auto"):
@@ -97,16 +98,20 @@ class Recognizer:
             padded[:len(batch)] = batch
             outputs.append([np.asarray(p)[:len(batch)] for p in self.run_batch(padded)])
         if not outputs:
-            return [np.zeros((0, len(self.metadata["charset"])))] * self.metadata["length"]
+            return [np.zeros((0, data.class_count(self.metadata["charset"], self.lengths)))] * self.lengths[1]
         return [np.concatenate(position) for position in zip(*outputs)]
 
     def read(self, pixels):
-        """uint8 array N x H x W x 3 -> list of Reading."""
+        """uint8 array N x H x W x 3 -> list of Reading. The text is each position's likeliest class,
+        up to the first blank. A position's confidence is the probability of what the text puts there,
+        the blank past its end, so that a character the text leaves out after a blank lowers it. A text
+        shorter than the model's shortest length is a reading the model is unsure of: confidence 0."""
         probabilities = np.stack(self.probabilities(pixels), axis=1)  # N x length x classes
-        indices = probabilities.argmax(axis=-1)
-        position_confidences = probabilities.max(axis=-1)
-        texts = data.decode(indices, self.metadata["charset"])
-        return [Reading(text, float(np.prod(conf)), [float(c) for c in conf])
+        charset, (shortest, longest) = self.metadata["charset"], self.lengths
+        texts = data.decode(probabilities.argmax(axis=-1), charset)
+        read = data.encode(texts, charset, longest)
+        position_confidences = np.take_along_axis(probabilities, read[..., None], axis=-1)[..., 0]
+        return [Reading(text, float(np.prod(conf)) if len(text) >= shortest else 0.0, [float(c) for c in conf])
                 for text, conf in zip(texts, position_confidences)]
 
     def predict(self, images):

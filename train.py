@@ -5,6 +5,7 @@
 Killed or interrupted, the same command resumes from the last completed epoch.
 """
 import argparse
+import collections
 import contextlib
 import csv
 import datetime
@@ -24,7 +25,7 @@ import yaml
 from PIL import Image, ImageFilter
 from tqdm import tqdm
 
-from config import DEFAULTS_PATH, UserError, load_config, quiet_backend_startup, read_yaml, run
+from config import DEFAULTS_PATH, UserError, length_range, load_config, quiet_backend_startup, read_yaml, run
 
 quiet_backend_startup()
 import keras  # noqa: E402
@@ -38,6 +39,7 @@ MONITOR = "val_whole_string_accuracy"
 SELECTION = "val_selection_score"  # what early stopping maximises: see HeldOutAccuracy
 LOCK_FILE = ".lock"
 held_locks = {}  # run directory -> its open lock file: a lock lasts as long as the process that took it
+FEW_OF_A_LENGTH = 20  # fewer images of a length than this get a warning: too few to learn it, or to score it
 
 
 class Batches(keras.utils.PyDataset):
@@ -134,7 +136,9 @@ class HeldOutAccuracy(keras.callbacks.Callback):
             recompute_batchnorm(self.model, self.batchnorm_images, self.batch_size)
         recognizer = Recognizer(keras_batch_function(self.model), self.metadata)
         chunks = [self.indices[i:i + 4096] for i in range(0, len(self.indices), 4096)]  # bounded memory
-        predicted = np.concatenate([np.stack([p.argmax(axis=-1) for p in recognizer.probabilities(self.images[c])], 1)
+        # The texts read, encoded again: a position past the text's end counts as the blank, as in evaluate.py.
+        charset, length = self.metadata["charset"], self.metadata["length"]
+        predicted = np.concatenate([data.encode([r.text for r in recognizer.read(self.images[c])], charset, length)
                                     for c in chunks])
         whole, per_position = np.all(predicted == self.truth, axis=1), np.mean(predicted == self.truth, axis=0)
         logs[MONITOR] = float(np.mean(whole))
@@ -335,7 +339,7 @@ def prepare_data(cfg, charset_hint=None):
     """Reads, checks and decodes the data set; prints a short report. Without data.charset, the
     charset is charset_hint (a continued run's) when every label fits it, else inferred."""
     d = cfg["data"]
-    root = Path(d["dir"])
+    root, lengths = Path(d["dir"]), length_range(d["length"])
     if not root.exists() and d["dir"] == os.path.abspath(read_yaml(DEFAULTS_PATH)["data"]["dir"]):
         print(f"{root} does not exist: generating the default synthetic set of {data.SYNTH_COUNT} captchas "
               f"(set data.dir to train on your own)")
@@ -343,14 +347,14 @@ def prepare_data(cfg, charset_hint=None):
         data.synthesize(partial, data.SYNTH_COUNT, d["length"], d["charset"] or data.SYNTH_CHARSET, d["image_size"],
                         d["seed"])
         os.replace(partial, root)
-    items, notes = data.labelled_files(root, d["labels"], d["label_pattern"], d["case"], d["length"], d["charset"],
+    items, notes = data.labelled_files(root, d["labels"], d["label_pattern"], d["case"], lengths, d["charset"],
                                        d["allow_outside_dir"])
-    good, bad = data.split_by_label_problem(items, d["length"], d["charset"])
+    good, bad = data.split_by_label_problem(items, lengths, d["charset"])
     if bad:
         hint = ""
         if d["case"] == "sensitive" and d["charset"] and any(
-                not data.label_problem(label.lower(), d["length"], d["charset"])
-                or not data.label_problem(label.upper(), d["length"], d["charset"]) for _, label, _ in bad):
+                not data.label_problem(label.lower(), lengths, d["charset"])
+                or not data.label_problem(label.upper(), lengths, d["charset"]) for _, label, _ in bad):
             hint = "; set data.case=lower or upper to fold the labels' case"
         source = d["labels"] or "file names"
         raise UserError(f"{len(bad)} of {len(items)} labels in {source} do not fit data.length={d['length']}"
@@ -366,8 +370,9 @@ def prepare_data(cfg, charset_hint=None):
     if len({digests[i] for i in valid}) < 2:
         raise UserError(f"{root}: all {len(valid)} readable images are identical; at least two different ones are "
                         f"needed, one to train on and one to hold out")
-    targets = data.encode([label for _, label in good], charset)
-    train_idx, test_idx = data.split_train_test([digests[i] for i in valid], d["test_fraction"], d["seed"])
+    targets = data.encode([label for _, label in good], charset, lengths[1])
+    train_idx, test_idx = data.split_train_test([digests[i] for i in valid], d["test_fraction"], d["seed"],
+                                                [len(good[i][1]) for i in valid])
     train_idx, test_idx = valid[train_idx], valid[test_idx]
     # The held-out split in evaluate.py's order, by file name, so that both read it in the same batches.
     test_idx = np.array(sorted(test_idx, key=lambda i: relative_name(good[i][0], root)), dtype=np.int64)
@@ -378,6 +383,14 @@ def prepare_data(cfg, charset_hint=None):
     print(f"data: {len(valid)} images from {root}, labels from {d['labels'] or 'file names'}; "
           f"charset {charset!r} ({len(charset)} characters{charset_source}), "
           f"length {d['length']}; {len(train_idx)} to train, {len(test_idx)} held out")
+    if lengths[0] < lengths[1]:
+        counts, held_out = (collections.Counter(len(good[i][1]) for i in indices) for indices in (valid, test_idx))
+        print("  lengths: " + ", ".join(f"{n}: {counts[n]} ({held_out[n]} held out)"
+                                        for n in range(lengths[0], lengths[1] + 1)))
+        for n in range(lengths[0], lengths[1] + 1):
+            if counts[n] < FEW_OF_A_LENGTH:
+                print(f"  warning: only {counts[n]} images of length {n} ({held_out[n]} held out): too few to learn "
+                      f"that length, or to score it")
     if failures:
         first = "; ".join(f"{data.shown_path(paths[i], root)} ({why})" for i, why in list(failures.items())[:3])
         notes.append(f"{len(failures)} unreadable images skipped: {first}")
@@ -453,7 +466,7 @@ def with_pseudo_labels(model, dataset, unlabelled, metadata, round_, threshold, 
     chosen = np.array([i for i, _ in taken], dtype=np.int64)
     pseudo_targets = np.zeros((len(names), dataset["targets"].shape[1]), dtype=dataset["targets"].dtype)
     if taken:
-        pseudo_targets[chosen] = data.encode([label for _, label in taken], dataset["charset"])
+        pseudo_targets[chosen] = data.encode([label for _, label in taken], dataset["charset"], pseudo_targets.shape[1])
     return (np.concatenate([dataset["images"], unlabelled["images"]]),
             np.concatenate([dataset["targets"], pseudo_targets]),
             np.concatenate([dataset["train"], len(dataset["images"]) + chosen]))
@@ -474,7 +487,7 @@ def continued_run(m):
     if metadata["backbone"] != m["backbone"]:
         raise UserError(f"model.weights: {path} was trained with model.backbone={metadata['backbone']}, not "
                         f"{m['backbone']}; set model.backbone={metadata['backbone']} to continue from it")
-    return {"path": str(model_path(path)), "charset": metadata["charset"], "length": metadata["length"]}
+    return {"path": str(model_path(path)), "charset": metadata["charset"], "lengths": data.model_lengths(metadata)}
 
 
 def relative_name(path, root):
@@ -521,26 +534,27 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     keras.utils.set_random_seed(d["seed"])
     policy = resolve_precision(t["precision"])
     keras.mixed_precision.set_global_policy(policy)
-    charset = dataset["charset"]
+    charset, (shortest, longest) = dataset["charset"], length_range(d["length"])
+    classes = data.class_count(charset, (shortest, longest))  # with a range of lengths, one more: the blank
     # train.batch_size is per device; Adam's learning rate follows the square-root scaling rule.
     batch_size, learning_rate = t["batch_size"] * replicas, t["learning_rate"] * math.sqrt(replicas)
     with scope:
-        model, initialisation = build_model(d["image_size"], d["length"], len(charset), m["backbone"],
+        model, initialisation = build_model(d["image_size"], longest, classes, m["backbone"],
                                             "none" if source else m["weights"], m["dropout"], m["weights_strict"])
         if source:
-            heads = source["charset"] == charset and source["length"] == d["length"]
+            heads = (source["charset"], source["lengths"]) == (charset, (shortest, longest))
             copy_weights(load_model(source["path"])[0], model, heads)
             initialisation = f"{source['path']} ({'every layer' if heads else 'backbone only'})"
             print(f"continuing from {source['path']}: " + ("every weight, heads included" if heads else
                   f"the backbone's weights, with new heads, as the {'charset' if source['charset'] != charset else 'length'} "
-                  f"changed ({source['charset']!r} x {source['length']} -> {charset!r} x {d['length']})"))
+                  f"changed ({source['charset']!r} x {source['lengths']} -> {charset!r} x {shortest, longest})"))
     print(f"model: {m['backbone']} from {initialisation} weights, {policy} precision, "
           f"input {d['image_size'][0]}x{d['image_size'][1]}, {model.count_params():,} parameters; "
           f"batch {batch_size} over {replicas} device{'s' if replicas > 1 else ''}")
 
     early_stopping = ResumableEarlyStopping(run_dir, monitor=SELECTION, mode="max", patience=t["patience"],
                                             restore_best_weights=True)
-    shape = {"image_size": d["image_size"], "charset": charset, "length": d["length"]}
+    shape = {"image_size": d["image_size"], "charset": charset, "length": longest, "min_length": shortest}
     sample = np.random.default_rng(d["seed"]).permutation(dataset["train"])[:t["batchnorm_images"]]
     held_out = HeldOutAccuracy(dataset["images"], dataset["test"], dataset["targets"], shape,
                                dataset["images"][np.sort(sample)], batch_size)
@@ -556,7 +570,7 @@ def train(cfg, run_dir=None, extra_callbacks=()):
         if round_:  # self-training: the unlabelled images read surely enough join the labelled ones
             images, targets, train_indices = with_pseudo_labels(model, dataset, unlabelled, shape, round_,
                                                                 t["pseudo_label_confidence"], run_dir)
-        batches = Batches(images, train_indices, targets, len(charset), batch_size, d["seed"] + round_,
+        batches = Batches(images, train_indices, targets, classes, batch_size, d["seed"] + round_,
                           (process, processes) if feeds_share else (0, 1), augmentation(t), workers=2)
         # A small set's epochs are short: it trains for at least train.min_steps steps.
         epochs = max(t["epochs"], math.ceil(t["min_steps"] / len(batches)))
@@ -566,8 +580,8 @@ def train(cfg, run_dir=None, extra_callbacks=()):
                          else keras.optimizers.Adam(schedule))
             model.compile(
                 optimizer=optimizer,
-                loss=[keras.losses.CategoricalCrossentropy(label_smoothing=t["label_smoothing"])] * d["length"],
-                metrics=[["accuracy"]] * d["length"],
+                loss=[keras.losses.CategoricalCrossentropy(label_smoothing=t["label_smoothing"])] * longest,
+                metrics=[["accuracy"]] * longest,
             )
         backup = run_dir / ("backup" if round_ == 0 else f"backup_round_{round_}")
         callbacks = [
@@ -592,8 +606,8 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     chosen = early_stopping.best_epoch + 1
     with open(run_dir / "history.csv", newline="") as f:
         held_out_accuracy = float(next(row for row in csv.DictReader(f) if int(row["epoch"]) == chosen - 1)[MONITOR])
-    metadata = {
-        "charset": charset, "length": d["length"], "image_size": d["image_size"], "case": d["case"],
+    metadata = {  # length: the number of heads, the longest label; min_length: the shortest
+        "charset": charset, "length": longest, "min_length": shortest, "image_size": d["image_size"], "case": d["case"],
         "label_pattern": d["label_pattern"], "backbone": m["backbone"], "initialisation": initialisation,
         "preprocessing": f"{preprocessing_for(m['backbone'])} scaling of RGB uint8 pixels, inside the model; "
                          f"images resized to image_size by data.decode_image (bilinear)",

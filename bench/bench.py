@@ -1,7 +1,7 @@
 """Benchmark on real captchas against the pretrained OCR ddddocr: accuracy, training and prediction speed.
 
-    python bench/bench.py [--mode cpu|gpu] [--sets henan_4digit lzu_5digit synthetic] [--learning-curve]
-                          [--shared ../shared/data] [--out bench/results]
+    python bench/bench.py [--mode cpu|gpu] [--sets henan_4digit lzu_5digit synthetic mixed_4_5digit synthetic_4to6]
+                          [--learning-curve] [--shared ../shared/data] [--out bench/results]
 
 For each set it trains with train.py on the train split, scores the held-out split with
 evaluate.py, reads the same held-out images with ddddocr (case-insensitively), and times
@@ -12,6 +12,7 @@ interrupted benchmark loses at most the stage it was in. Needs `pip install dddd
 import argparse
 import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
@@ -33,6 +34,10 @@ SETS = {  # folders relative to --shared; labels_clean scores where the publishe
     "lzu_5digit": {"dir": "lzu_5digit/right", "folder": "lzu_5digit/right", "length": 5, "epochs": {"cpu": 10}},
     # The classic setting: 4 characters of 0-9A-Z at 128x64, drawn by data.py synth.
     "synthetic": {"synth": 10_000, "length": 4, "image_size": [64, 128], "epochs": {"cpu": 10}},
+    # Captchas of varying length: the two real sets pooled into one folder (links under --out) with one
+    # labels CSV, trained as one 4-5-digit set; and 4 to 6 characters of 0-9A-Z at 160x64, drawn by data.py synth.
+    "mixed_4_5digit": {"pool": ("henan_4digit", "lzu_5digit"), "length": "4-5", "epochs": {"cpu": 10}},
+    "synthetic_4to6": {"synth": 10_000, "length": "4-6", "image_size": [64, 160], "epochs": {"cpu": 10}},
 }
 LEARNING_CURVE = (250, 500, 1000, 2000)
 CURVE_STEPS = 800  # training steps for each learning-curve point (at least train.epochs' worth)
@@ -90,7 +95,8 @@ def evaluate(run_dir, out, labels=None, name="evaluate"):
            stdout=out / f"{name}_report.json")
     report = json.loads((out / f"{name}_report.json").read_text())
     return {"whole_string_accuracy": report["whole_string_accuracy"], "count": report["count"],
-            "correct": report["correct"], "suspected_label_errors": report["suspected_label_errors"]["count"]}
+            "correct": report["correct"], "suspected_label_errors": report["suspected_label_errors"]["count"],
+            "accuracy_by_length": report["accuracy_by_length"], "length_confusion": report["length_confusion"]}
 
 
 def held_out(run_dir, labels=None):
@@ -103,14 +109,65 @@ def held_out(run_dir, labels=None):
     return root, split
 
 
-def ddddocr_accuracy(run_dir, labels=None):
+def ddddocr_accuracy(run_dir, labels=None, by_source=False):
     import ddddocr
 
     root, split = held_out(run_dir, labels)
     ocr = ddddocr.DdddOcr(show_ad=False)
-    right = sum(ocr.classification((root / name).read_bytes()).lower() == label.strip().lower()
-                for name, label in split.items())
-    return {"whole_string_accuracy": right / len(split), "count": len(split), "correct": right}
+    right = {name for name, label in split.items()
+             if ocr.classification((root / name).read_bytes()).lower() == label.strip().lower()}
+    result = {"whole_string_accuracy": len(right) / len(split), "count": len(split), "correct": len(right)}
+    return {**result, "by_source": accuracy_by_source(split, right)} if by_source else result
+
+
+def accuracy_by_source(names, right):
+    """Held-out names SOURCE/..., and those read right -> whole-string accuracy of each source."""
+    sources = {}
+    for name in names:
+        sources.setdefault(name.split("/")[0], []).append(name in right)
+    return {source: {"whole_string_accuracy": sum(hits) / len(hits), "correct": sum(hits), "count": len(hits)}
+            for source, hits in sorted(sources.items())}
+
+
+def ours_by_source(run_dir, out, labels):
+    """Our accuracy on each source of a pooled set, from evaluate.py's errors: every held-out image not
+    listed there was read right; a skipped one is not scored, as in evaluate.py."""
+    _, split = held_out(run_dir, labels)
+    with open(out / "evaluate_errors.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    skipped = {row["path"] for row in rows if row["reason"]}
+    wrong = {row["path"] for row in rows}
+    return accuracy_by_source([name for name in split if name not in skipped], set(split) - wrong)
+
+
+def pool(sources, shared, out):
+    """Links every image of the sets named in sources into out/images/SET/..., and writes one labels CSV
+    for them all: labels.csv with each set's published labels (its CSV, or its file names), and
+    labels_clean.csv with its clean labels where it has them. -> the folder of links."""
+    folder = out / "images"
+    if (out / "labels_clean.csv").exists():
+        return folder
+    tables = {"labels": [], "labels_clean": []}
+    for source in sources:
+        spec, root = SETS[source], shared / SETS[source]["dir"]
+        if spec.get("labels"):
+            published, _ = data.read_labels_csv(shared / spec["labels"], root)
+        else:
+            items, _ = data.labelled_files(root, None, None, "sensitive", (spec["length"],) * 2, None)
+            published = {path.relative_to(root).as_posix(): label for path, label in items}
+        clean = data.read_labels_csv(shared / spec["labels_clean"], root)[0] if spec.get("labels_clean") else published
+        for name in published:
+            link = folder / source / name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.is_symlink():
+                link.symlink_to(root / name)
+        for kind, table in (("labels", published), ("labels_clean", clean)):
+            tables[kind] += [(f"{source}/{name}", label) for name, label in sorted(table.items())]
+    for kind, rows in tables.items():
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([("filename", "label"), *rows])
+        data.write_atomically(out / f"{kind}.csv", text.getvalue())
+    return folder
 
 
 def speed(run_dir, folder, out, models):
@@ -152,13 +209,18 @@ def bench_set(name, spec, shared, out, mode):
                             spec["image_size"], seed=0)
             os.replace(out / "images.partial", out / "images")
         folder = spec["data_dir"]
+    elif "pool" in spec:  # absolute paths: shared / an absolute path is that path
+        spec["data_dir"] = folder = pool(spec["pool"], shared, out)
+        spec["labels"], spec["labels_clean"] = out / "labels.csv", out / "labels_clean.csv"
     else:
         spec["data_dir"], folder = shared / spec["dir"], shared / spec["folder"]
     result = {"set": name, **stage(out / "train.json", lambda: train(spec, shared, out, mode))}
     run_dir = out / "run"
     clean = shared / spec["labels_clean"] if spec.get("labels_clean") else None
     result["ours"] = stage(out / "ours.json", lambda: evaluate(run_dir, out, clean))
-    result["ddddocr"] = stage(out / "ddddocr.json", lambda: ddddocr_accuracy(run_dir, clean))
+    result["ddddocr"] = stage(out / "ddddocr.json", lambda: ddddocr_accuracy(run_dir, clean, "pool" in spec))
+    if "pool" in spec:
+        result["ours_by_source"] = stage(out / "ours_by_source.json", lambda: ours_by_source(run_dir, out, clean))
     if clean:
         result["ours_published_labels"] = stage(out / "ours_published.json", lambda: evaluate(
             run_dir, out, shared / spec["labels"], "evaluate_published"))
@@ -205,6 +267,17 @@ def table(results, curve):
                      f"{r['epoch_chosen']} / {r['epochs_run']} | {r['train_seconds'] / 60:.0f} min | "
                      f"{r['train_images_per_second']} | {rates['keras']} / {rates['ddddocr']} "
                      f"({ratio['keras']}x){others} |")
+    for r in results:
+        if len(r["ours"].get("accuracy_by_length", [])) > 1:  # results kept before length ranges have none
+            by_length = ", ".join(f"{row['length']} characters {percent(row['whole_string_accuracy'])} "
+                                  f"({row['correct']}/{row['count']})" for row in r["ours"]["accuracy_by_length"])
+            misread = sum(c["count"] for c in r["ours"]["length_confusion"] if c["true"] != c["read"])
+            lines.append(f"\n{r['set']}: ours by true length: {by_length}; {misread} read at another length.")
+        if "ours_by_source" in r:
+            lines.append(f"{r['set']} by source, ours / ddddocr: " + ", ".join(
+                f"{source} {percent(v['whole_string_accuracy'])} ({v['correct']}/{v['count']}) / "
+                f"{percent(r['ddddocr']['by_source'][source]['whole_string_accuracy'])}"
+                for source, v in r["ours_by_source"].items()) + ".")
     for r in results:
         if "label_noise" in r:
             n = r["label_noise"]

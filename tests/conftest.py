@@ -53,6 +53,21 @@ def cache_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def varied_run(tmp_path_factory, cache_dir):
+    """A run on captchas of 3 or 4 digits (data.length=3-4): 80 drawn by `data.py synth --length 3-4`,
+    trained for one epoch. Shared by the tests of training, reading, evaluating and exporting it."""
+    import config
+    import train
+
+    work = tmp_path_factory.mktemp("varied")
+    data.main(["synth", "--out", str(work / "images"), "--count", "80", "--length", "3-4", "--charset", "0123456789",
+               "--size", "32x64", "--seed", "2"])
+    cfg = config.load_config(None, overrides(f"data.dir={work / 'images'}", "data.length=3-4", "train.epochs=1",
+                                             "data.charset=0123456789", cache_dir=cache_dir))
+    return train.train(cfg, work / "run")
+
+
+@pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, cache_dir):
     """The shipped config's embedded default: a synthetic set generated on first use (made
     small here), trained for two epochs, from a fresh working directory."""

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -23,6 +25,17 @@ def test_overrides_keep_types_and_strings_stay_verbatim():
     assert cfg["train"]["learning_rate"] == 1.0 and isinstance(cfg["train"]["learning_rate"], float)
 
 
+def test_length_is_a_number_or_a_range(tmp_path):
+    assert load_config(None, ["data.length=5"])["data"]["length"] == 5
+    assert load_config(None, ["data.length= 4 - 6"])["data"]["length"] == "4-6"
+    path = tmp_path / "mine.yaml"
+    path.write_text("data:\n  length: 4-5\n")
+    assert load_config(path)["data"]["length"] == "4-5"
+    path.write_text("data:\n  length: five\n")
+    with pytest.raises(UserError, match=re.escape(str(path)) + ": data.length must be a number .* got 'five'"):
+        load_config(path)
+
+
 def test_unknown_key_names_the_closest_valid_one():
     with pytest.raises(UserError, match=r"unknown config key train\.epoch; did you mean train\.epochs\?"):
         load_config(None, ["train.epoch=3"])
@@ -38,6 +51,13 @@ def test_unknown_key_names_the_closest_valid_one():
     ("data.label_pattern=(", "not a valid regular expression"),
     ("model.backbone=NoSuchNet", "is not a keras.applications model"),
     ("train.epochs", "expected section.key=value"),
+    ("data.length=0", "data.length must be a number of characters like 4, or a range MIN-MAX like 4-6"),
+    ("data.length=6-4", "with 1 <= MIN < MAX, got '6-4'"),
+    ("data.length=4-4", "with 1 <= MIN < MAX, got '4-4'"),
+    ("data.length=0-4", "got '0-4'"),
+    ("data.length=4-6-8", "got '4-6-8'"),
+    ("data.length=[4, 6]", "got [4, 6]"),
+    ("data.length=true", "got True"),
 ])
 def test_bad_values_are_refused_with_the_key(override, fragment):
     with pytest.raises(UserError, match=None) as error:

@@ -1,3 +1,4 @@
+import collections
 import io
 import struct
 import zlib
@@ -96,7 +97,7 @@ def test_non_ascii_file_names_are_read_and_labelled(digits, tmp_path):
     (tmp_path / "验证码_2468.png").write_bytes(source.read_bytes())
     (tmp_path / "képek").mkdir()
     (tmp_path / "képek" / "1357_ü.png").write_bytes(source.read_bytes())
-    items, _ = data.labelled_files(tmp_path, None, None, "sensitive", 4, "0123456789")
+    items, _ = data.labelled_files(tmp_path, None, None, "sensitive", (4, 4), "0123456789")
     assert sorted(label for _, label in items) == ["1357", "2468"]
     images, _, failures = data.load_images([path for path, _ in items], SIZE)
     assert not failures
@@ -116,7 +117,7 @@ def test_symlinked_folders_are_read_once_and_a_link_loop_ends(digits, tmp_path):
     expected = sorted([root / s.name for s in sources[:2]] + [root / "linked" / s.name for s in sources[2:]])
     assert data.find_images(root) == expected  # training
     assert data.expand_paths([str(root)]) == (expected, [])  # prediction
-    items, _ = data.labelled_files(root, None, None, "sensitive", 4, "0123456789")
+    items, _ = data.labelled_files(root, None, None, "sensitive", (4, 4), "0123456789")
     assert [path for path, _ in items] == expected
 
 
@@ -141,19 +142,35 @@ def test_split_is_deterministic_disjoint_and_keeps_duplicates_together():
     assert 20 <= len(test) <= 21
     assert not {digests[i] for i in train} & {digests[i] for i in test}
     assert set(data.split_train_test(digests, 0.2, seed=4)[1]) != set(test)
+    # A fixed length is one stratum: the split made before length ranges existed, to the image.
+    assert test.tolist() == [3, 4, 8, 14, 19, 29, 39, 43, 45, 48, 51, 57, 72, 77, 79, 86, 88, 93, 94, 98]
+    np.testing.assert_array_equal(data.split_train_test(digests, 0.2, seed=3, strata=[4] * 100)[1], test)
 
+
+def test_split_keeps_each_lengths_share_and_duplicates_together():
+    lengths = [4] * 150 + [5] * 60 + [6] * 20 + [7] * 3
+    digests = [f"d{i}" for i in range(len(lengths))]
+    digests[205:215] = digests[190:200]  # ten length-5 images repeated, five of them with length-6 labels
+    train, test = data.split_train_test(digests, 0.1, seed=0, strata=lengths)
+    again = data.split_train_test(digests, 0.1, seed=0, strata=lengths)
+    np.testing.assert_array_equal(test, again[1])
+    assert not set(train) & set(test) and len(train) + len(test) == len(lengths)
+    held_out = collections.Counter(lengths[i] for i in test)
+    # 10% of each length (at least one); a repeated image goes with its group, whatever its label says.
+    assert held_out[4] == 15 and 6 <= held_out[5] <= 7 and 1 <= held_out[6] <= 3 and held_out[7] == 1
+    assert not {digests[i] for i in train} & {digests[i] for i in test}
 
 def test_labels_from_file_names(tmp_path):
     def fits(label):
         return len(label) == 4 and set(label) <= set("0123456789")
 
-    assert data.label_from_name("a/1234.png", None, fits, 4) == "1234"
-    assert data.label_from_name("1234_17.png", None, fits, 4) == "1234"
-    assert data.label_from_name("captcha_5678.jpg", None, fits, 4) == "5678"
-    assert data.label_from_name("验证码_5678.jpg", None, fits, 4) == "5678"
-    assert data.label_from_name("img-0042-x7Kq.png", r"img-\d+-(?P<label>\w+)", fits, 4) == "x7Kq"
-    assert data.label_from_name("other.png", r"img-(\w+)", fits, 4) is None
-    assert data.label_from_name("abcd_1.png", None, fits, 4) == "abcd"  # right length, wrong charset: named in errors
+    assert data.label_from_name("a/1234.png", None, fits, (4, 4)) == "1234"
+    assert data.label_from_name("1234_17.png", None, fits, (4, 4)) == "1234"
+    assert data.label_from_name("captcha_5678.jpg", None, fits, (4, 4)) == "5678"
+    assert data.label_from_name("验证码_5678.jpg", None, fits, (4, 4)) == "5678"
+    assert data.label_from_name("img-0042-x7Kq.png", r"img-\d+-(?P<label>\w+)", fits, (4, 4)) == "x7Kq"
+    assert data.label_from_name("other.png", r"img-(\w+)", fits, (4, 4)) is None
+    assert data.label_from_name("abcd_1.png", None, fits, (4, 4)) == "abcd"  # right length, wrong charset: named in errors
 
 
 def test_label_csv_quirks_are_tolerated_and_reported(tmp_path):
@@ -177,17 +194,35 @@ def test_case_policy_and_spaces():
 
 def test_labels_that_do_not_fit_are_named():
     items = [("x/1.png", "123"), ("x/2.png", "12a4"), ("x/3.png", "1234")]
-    good, bad = data.split_by_label_problem(items, 4, "0123456789")
+    good, bad = data.split_by_label_problem(items, (4, 4), "0123456789")
     assert good == [("x/3.png", "1234")]
     assert [why for _, _, why in bad] == ["length 3, not 4", "characters not in the charset: 'a'"]
     assert "x/1.png '123' (length 3, not 4)" in data.describe(bad, None)
+    items += [("x/4.png", "12345"), ("x/5.png", "123456")]
+    good, bad = data.split_by_label_problem(items, (4, 5), "0123456789")
+    assert good == [("x/3.png", "1234"), ("x/4.png", "12345")]
+    assert [why for _, _, why in bad] == ["length 3, not 4-5", "characters not in the charset: 'a'",
+                                          "length 6, not 4-5"]
+
+
+def test_file_names_give_labels_of_every_length_in_the_range(tmp_path):
+    for name in ("123.png", "1234_a.png", "x_12345.png", "12_b.png", "123456_c.png"):
+        (tmp_path / name).write_bytes(b"")
+    items, _ = data.labelled_files(tmp_path, None, None, "sensitive", (3, 5), "0123456789")
+    labels = {path.name: label for path, label in items}
+    assert {name: labels[name] for name in ("123.png", "1234_a.png", "x_12345.png")} == {
+        "123.png": "123", "1234_a.png": "1234", "x_12345.png": "12345"}
+    _, bad = data.split_by_label_problem(items, (3, 5), "0123456789")
+    assert sorted(path.name for path, _, _ in bad) == ["123456_c.png", "12_b.png"]
+    items, _ = data.labelled_files(tmp_path, None, r"x_(\d+)", "sensitive", (3, 5), "0123456789")
+    assert [(path.name, label) for path, label in items] == [("x_12345.png", "12345")]
 
 
 def test_missing_folder_is_an_error_naming_it(tmp_path):
     with pytest.raises(UserError, match="data folder not found: .*nowhere"):
-        data.labelled_files(tmp_path / "nowhere", None, None, "sensitive", 4, None)
+        data.labelled_files(tmp_path / "nowhere", None, None, "sensitive", (4, 4), None)
     with pytest.raises(UserError, match="no images"):
-        data.labelled_files(tmp_path, None, None, "sensitive", 4, None)
+        data.labelled_files(tmp_path, None, None, "sensitive", (4, 4), None)
 
 
 def test_synthesis_is_reproducible(tmp_path):
@@ -196,6 +231,19 @@ def test_synthesis_is_reproducible(tmp_path):
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) == 3
     assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
+    assert names == ["K9P3_000000.png", "TP5A_000002.png", "VBGI_000001.png"]  # as drawn before length ranges
+
+
+def test_synthesis_of_a_length_range_gives_each_length_an_equal_share(tmp_path, capsys):
+    for folder in ("a", "b"):
+        data.main(["synth", "--out", str(tmp_path / folder), "--count", "6", "--length", "2-4", "--size", "32x64",
+                   "--seed", "3"])
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert sorted(len(name.split("_")[0]) for name in names) == [2, 2, 3, 3, 4, 4]
+    with pytest.raises(SystemExit):
+        data.main(["synth", "--out", str(tmp_path / "c"), "--count", "1", "--length", "4-2"])
+    assert "expected a number of characters like 4, or a range MIN-MAX" in capsys.readouterr().err
 
 
 charsets = st.lists(st.characters(exclude_categories=("C", "Z"), exclude_characters="/\\_."), min_size=1,
@@ -205,9 +253,40 @@ charsets = st.lists(st.characters(exclude_categories=("C", "Z"), exclude_charact
 @settings(max_examples=200, deadline=None)
 @given(charsets, st.data())
 def test_encoding_round_trips(charset, draw):
+    """A fixed length: each character's index in the charset, no blank, as before length ranges."""
     labels = draw.draw(st.lists(st.text(st.sampled_from(charset), min_size=3, max_size=3), min_size=1, max_size=20))
-    np.testing.assert_array_equal(data.encode(labels, charset).shape, (len(labels), 3))
-    assert data.decode(data.encode(labels, charset), charset) == labels
+    encoded = data.encode(labels, charset, 3)
+    assert encoded.tolist() == [[charset.index(c) for c in label] for label in labels]
+    assert data.decode(encoded, charset) == labels
+
+
+@settings(max_examples=200, deadline=None)
+@given(charsets, st.data())
+def test_padded_encoding_round_trips(charset, draw):
+    shortest = draw.draw(st.integers(1, 5))
+    longest = draw.draw(st.integers(shortest + 1, 7))
+    labels = draw.draw(st.lists(st.text(st.sampled_from(charset), min_size=shortest, max_size=longest), min_size=1,
+                                max_size=20))
+    encoded = data.encode(labels, charset, longest)
+    assert encoded.shape == (len(labels), longest) and encoded.max() < data.class_count(charset, (shortest, longest))
+    for label, row in zip(labels, encoded.tolist()):
+        assert row == [charset.index(c) for c in label] + [len(charset)] * (longest - len(label))
+    assert data.decode(encoded, charset) == labels
+
+
+@settings(max_examples=200, deadline=None)
+@given(charsets, st.data())
+def test_a_reading_is_the_text_before_its_first_blank(charset, draw):
+    blank = len(charset)
+    rows = draw.draw(st.lists(st.lists(st.integers(0, blank), min_size=4, max_size=4), min_size=1, max_size=10))
+    texts = data.decode(np.array(rows), charset)
+    for row, text in zip(rows, texts):
+        before_blank = row[:row.index(blank)] if blank in row else row
+        assert text == "".join(charset[i] for i in before_blank)
+    # Re-encoded, a reading keeps what comes before its first blank and holds the blank after it.
+    for row, again in zip(rows, data.encode(texts, charset, 4).tolist()):
+        cut = row.index(blank) if blank in row else 4
+        assert again == row[:cut] + [blank] * (4 - cut)
 
 
 @settings(max_examples=200, deadline=None)
@@ -220,6 +299,23 @@ def test_file_name_labels_parse_back(charset, draw):
         return len(candidate) == 4 and set(candidate) <= set(charset)
 
     for name in (f"{label}.png", f"{label}_{tag}.png"):
-        assert data.label_from_name(name, None, fits, 4) == label
+        assert data.label_from_name(name, None, fits, (4, 4)) == label
     if not fits(tag) or tag == label:
-        assert data.label_from_name(f"{tag}_{label}.png", None, fits, 4) == label
+        assert data.label_from_name(f"{tag}_{label}.png", None, fits, (4, 4)) == label
+
+
+@settings(max_examples=200, deadline=None)
+@given(charsets, st.data())
+def test_file_name_labels_of_every_length_in_the_range_parse_back(charset, draw):
+    shortest = draw.draw(st.integers(1, 5))
+    longest = draw.draw(st.integers(shortest + 1, 8))
+    label = draw.draw(st.text(st.sampled_from(charset), min_size=shortest, max_size=longest))
+    tag = draw.draw(st.text(st.sampled_from("abcxyz0123"), min_size=1, max_size=6))
+
+    def fits(candidate):
+        return shortest <= len(candidate) <= longest and set(candidate) <= set(charset)
+
+    for name in (f"{label}.png", f"{label}_{tag}.png"):
+        assert data.label_from_name(name, None, fits, (shortest, longest)) == label
+    if not fits(tag) or tag == label:
+        assert data.label_from_name(f"{tag}_{label}.png", None, fits, (shortest, longest)) == label

@@ -2,6 +2,7 @@ import csv
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,112 @@ def test_scores_are_exact_on_a_hand_made_case():
     assert coverage[1.0] == 0.5 and coverage[0.8] == pytest.approx(2 / 3)  # top 3: 0.99, 0.9 right, 0.5 wrong
 
 
+def test_scores_count_the_blank_and_break_down_by_length():
+    charset = "0123456789"
+    truth = data.encode(["123", "1234", "1234", "567"], charset, 4)
+    predicted = data.encode(["123", "123", "1234", "5678"], charset, 4)
+    report = evaluate.score(truth, predicted, np.array([0.9, 0.8, 0.7, 0.6]), charset)
+    assert report["whole_string_accuracy"] == 0.5 and report["correct"] == 2
+    assert report["per_position_accuracy"] == [1.0, 1.0, 1.0, 0.5]  # position 4: blank, 4, 4, blank read as -, -, 4, 8
+    assert report["accuracy_by_length"] == [{"length": 3, "whole_string_accuracy": 0.5, "correct": 1, "count": 2},
+                                            {"length": 4, "whole_string_accuracy": 0.5, "correct": 1, "count": 2}]
+    assert report["length_confusion"] == [{"true": 3, "read": 3, "count": 1}, {"true": 3, "read": 4, "count": 1},
+                                          {"true": 4, "read": 3, "count": 1}, {"true": 4, "read": 4, "count": 1}]
+    assert sorted((c["true"], c["predicted"], c["count"]) for c in report["confusions"]) == [("", "8", 1), ("4", "", 1)]
+    assert report["per_character_accuracy"]["4"] == {"accuracy": 0.5, "count": 2}
+    assert set(report["per_character_accuracy"]) == set("1234567")  # characters only, not the blank
+
+
+def fake_recognizer(cases, metadata):
+    """A Recognizer whose model gives cases[v] (a row of probabilities per position) for an image of grey level v."""
+    def run_batch(batch):
+        return [np.array([cases[int(image[0, 0, 0])][position] for image in batch], np.float32)
+                for position in range(metadata["length"])]
+
+    return predict.Recognizer(run_batch, metadata)
+
+
+# Charset "ab" at 2 to 4 characters: each head reads a, b or the blank.
+A, B, BLANK = [0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.2, 0.2, 0.6]
+RANGE_CASES = [[A, B, A, B], [A, B, BLANK, BLANK], [A, B, BLANK, [0.1, 0.6, 0.3]], [A, BLANK, BLANK, BLANK]]
+RANGE_METADATA = {"charset": "ab", "length": 4, "min_length": 2, "image_size": [32, 64]}
+
+
+def grey(levels):
+    return np.stack([np.full((32, 64, 3), level, np.uint8) for level in levels])
+
+
+def test_a_reading_is_the_text_before_the_first_blank_and_an_unsure_one_has_a_low_confidence():
+    readings = fake_recognizer(RANGE_CASES, RANGE_METADATA).read(grey(range(4)))
+    assert [r.text for r in readings] == ["abab", "ab", "ab", "a"]
+    assert readings[0].position_confidences == pytest.approx([0.8, 0.7, 0.8, 0.7])
+    assert readings[0].confidence == pytest.approx(0.8 * 0.7 * 0.8 * 0.7)
+    assert readings[1].confidence == pytest.approx(0.8 * 0.7 * 0.6 * 0.6)  # the blanks count like characters
+    # A character after the blank: the text stops at the blank, and its confidence counts the blank's probability.
+    assert readings[2].position_confidences == pytest.approx([0.8, 0.7, 0.6, 0.3])
+    assert readings[2].confidence == pytest.approx(0.8 * 0.7 * 0.6 * 0.3)
+    # Shorter than the shortest length: no label can be that, so the reading is unsure.
+    assert readings[3].confidence == 0 and readings[3].position_confidences == pytest.approx([0.8, 0.6, 0.6, 0.6])
+    nothing = np.zeros((0, 32, 64, 3), np.uint8)
+    assert [p.shape for p in fake_recognizer(RANGE_CASES, RANGE_METADATA).probabilities(nothing)] == [(0, 3)] * 4
+    # One length, as before length ranges (no min_length in the metadata): no blank, the top probabilities.
+    fixed = fake_recognizer([[[0.3, 0.7], [0.9, 0.1]]], {"charset": "ab", "length": 2, "image_size": [32, 64]})
+    (reading,) = fixed.read(grey([0]))
+    assert reading.text == "ba" and reading.position_confidences == pytest.approx([0.7, 0.9])
+    assert reading.confidence == pytest.approx(0.63)
+
+
+def test_predict_writes_texts_of_every_length(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for level in (1, 2, 3):
+        Image.new("RGB", (64, 32), (level,) * 3).save(folder / f"{level}.png")
+    Image.new("RGB", (64, 32), (0,) * 3).save(folder / "0.png")
+    monkeypatch.setattr(predict.Recognizer, "load", lambda *args, **kwargs: fake_recognizer(RANGE_CASES, RANGE_METADATA))
+    rows = list(csv.DictReader(io.StringIO(run_main(predict, capsys, "--model", "fake", folder))))
+    assert {Path(row["path"]).name: row["prediction"] for row in rows} == {"0.png": "abab", "1.png": "ab",
+                                                                            "2.png": "ab", "3.png": "a"}
+    assert [float(row["confidence"]) for row in rows][3] == 0
+    run_main(predict, capsys, "--model", "fake", folder, "--output", tmp_path / "read.jsonl")
+    lines = [json.loads(line) for line in (tmp_path / "read.jsonl").read_text().splitlines()]
+    assert [(row["prediction"], len(row["position_confidences"])) for row in lines] == [
+        ("abab", 4), ("ab", 4), ("ab", 4), ("a", 4)]
+
+
+def test_evaluate_reports_accuracy_by_length_on_a_length_range(varied_run, capsys):
+    report = json.loads(run_main(evaluate, capsys, "--model", varied_run, "--json"))
+    metadata = json.loads((varied_run / "metadata.json").read_text())
+    with open(varied_run / "history.csv") as f:
+        chosen = next(row for row in csv.DictReader(f) if int(row["epoch"]) == metadata["epoch"] - 1)
+    assert report["count"] == 8 and report["skipped"] == 0
+    # train.py scored its held-out split as evaluate.py does, the blank included.
+    assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
+    assert report["per_position_accuracy"] == [float(chosen[f"val_char_{i}_accuracy"]) for i in (1, 2, 3, 4)]
+    assert [(row["length"], row["count"]) for row in report["accuracy_by_length"]] == [(3, 4), (4, 4)]
+    assert sum(row["correct"] for row in report["accuracy_by_length"]) == report["correct"]
+    assert sum(c["count"] for c in report["length_confusion"]) == 8
+    assert {c["true"] for c in report["length_confusion"]} == {3, 4}
+    assert all(0 <= c["read"] <= 4 for c in report["length_confusion"])
+    text = run_main(evaluate, capsys, "--model", varied_run)
+    assert "length 3-4" in text and "by length: 3: " in text
+
+
+def test_unscorable_labels_of_a_length_range_are_counted_not_scored(varied_run, tmp_path):
+    source = data.find_images(varied_run.parent / "images")[0]
+    labels = {"a.png": "123", "b.png": "1234", "c.png": "12", "d.png": "12345", "e.png": "12a"}
+    for name in labels:
+        shutil.copy(source, tmp_path / name)
+    (tmp_path / "f.png").write_bytes(b"")
+    items = [(tmp_path / name, label) for name, label in labels.items()] + [(tmp_path / "f.png", "123")]
+    report, rows = evaluate.evaluate(predict.Recognizer.load(varied_run), items, tmp_path)
+    assert report["count"] == 2 and report["skipped"] == 4
+    assert report["skipped_reasons"] == {"unscorable label": 3, "unreadable": 1}
+    assert {row["path"]: row["reason"] for row in rows if row.get("reason")} == {
+        "c.png": "unscorable label: length 2, not 3-4", "d.png": "unscorable label: length 5, not 3-4",
+        "e.png": "unscorable label: characters not in the charset: 'a'", "f.png": "unreadable: empty file"}
+    assert [(row["length"], row["count"]) for row in report["accuracy_by_length"]] == [(3, 1), (4, 1)]
+
+
 def run_main(module, capsys, *args):
     """A script's main() in this process, as its command line would run it -> what it printed."""
     capsys.readouterr()
@@ -105,7 +212,7 @@ def test_unscorable_labels_are_counted_not_scored(recognizer, known_folder, tmp_
     shutil.copy(first, folder / "12ab_b.png")  # letters the model does not know
     (folder / "77777_c.png").write_bytes(b"")
     (folder / "1234_d.png").write_bytes(b"")  # a good label on a file that cannot be read
-    items, _ = data.labelled_files(folder, None, None, "sensitive", 4, "0123456789")
+    items, _ = data.labelled_files(folder, None, None, "sensitive", (4, 4), "0123456789")
     report, rows = evaluate.evaluate(recognizer, items, folder)
     assert report["count"] == 10 and report["whole_string_accuracy"] == 0.6
     assert report["skipped"] == 4 and report["skipped_reasons"] == {"unscorable label": 3, "unreadable": 1}
@@ -116,7 +223,7 @@ def test_unscorable_labels_are_counted_not_scored(recognizer, known_folder, tmp_
 
 def test_evaluate_refuses_data_the_model_cannot_read(recognizer, tmp_path, digits):
     (tmp_path / "abcd_1.png").write_bytes(data.find_images(digits)[0].read_bytes())
-    items, _ = data.labelled_files(tmp_path, None, None, "sensitive", 4, "0123456789")
+    items, _ = data.labelled_files(tmp_path, None, None, "sensitive", (4, 4), "0123456789")
     with pytest.raises(UserError, match="none of the 1 labels fit the model"):
         evaluate.evaluate(recognizer, items, tmp_path)
 

@@ -77,6 +77,23 @@ def test_an_export_reads_as_the_float32_keras_model(exports, keras_model, held_o
         assert np.abs(want - got).max() <= export.PARITY_TOLERANCE
 
 
+def test_an_export_of_a_length_range_passes_parity_and_reads_as_keras(varied_run):
+    """Each output of a range of lengths has one class more, the blank: the export keeps it, in its place."""
+    printed = run_export("--model", varied_run, "--format", "onnx")
+    assert "parity check passed: onnx export vs float32 Keras model on 8 held-out images: 0 texts differ" in printed
+    exported = predict.Recognizer.load(varied_run / "export" / "model.onnx")
+    assert exported.lengths == (3, 4)
+    keras_model = predict.Recognizer.load(varied_run, precision="float32")
+    labels, _ = data.read_labels_csv(varied_run / "test_split.csv", varied_run.parent / "images")
+    pixels = np.stack([data.decode_image(varied_run.parent / "images" / name, (32, 64)) for name in sorted(labels)])
+    for want, got in zip(keras_model.probabilities(pixels), exported.probabilities(pixels)):
+        assert got.shape == (8, 11) and np.abs(want - got).max() <= export.PARITY_TOLERANCE
+    expected, actual = keras_model.read(pixels), exported.read(pixels)
+    assert [r.text for r in actual] == [r.text for r in expected]
+    assert np.allclose([r.position_confidences for r in actual], [r.position_confidences for r in expected],
+                       rtol=0, atol=export.PARITY_TOLERANCE)
+
+
 def test_outputs_are_put_in_position_order_by_name():
     assert predict.by_position(["char_3", "char_1", "char_2"], 3, "m.onnx") == ["char_1", "char_2", "char_3"]
     with pytest.raises(UserError, match="not exported by export.py"):

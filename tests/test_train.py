@@ -1,6 +1,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,8 +38,10 @@ def test_a_run_leaves_a_reloadable_model_with_its_metadata(trained_run, digits):
     keras_model, metadata = model.load_model(trained_run)
     assert metadata == json.loads((trained_run / "metadata.json").read_text())
     assert metadata["charset"] == "0123456789" and metadata["length"] == 4 and metadata["image_size"] == [32, 64]
+    assert metadata["min_length"] == 4  # a fixed length
     assert metadata["initialisation"] == "random" and 1 <= metadata["epoch"] <= 2
     assert [layer.name for layer in keras_model.layers[-4:]] == ["char_1", "char_2", "char_3", "char_4"]
+    assert [output.shape[-1] for output in keras_model.outputs] == [10] * 4  # a fixed length has no blank class
     assert keras_model.inputs[0].dtype == "uint8"  # the model takes raw pixels: its scaling is inside
     pixels = np.stack([data.decode_image(p, (32, 64)) for p in data.find_images(digits)[:3]])
     outputs = keras_model.predict(pixels, verbose=0)
@@ -46,6 +49,31 @@ def test_a_run_leaves_a_reloadable_model_with_its_metadata(trained_run, digits):
     with open(trained_run / "history.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and "val_whole_string_accuracy" in rows[0] and "char_1_accuracy" in rows[0]
+
+
+def test_a_length_range_trains_a_head_per_position_with_a_blank_class(varied_run):
+    keras_model, metadata = model.load_model(varied_run)
+    assert metadata["length"] == 4 and metadata["min_length"] == 3 and metadata["charset"] == "0123456789"
+    assert [layer.name for layer in keras_model.layers[-4:]] == ["char_1", "char_2", "char_3", "char_4"]
+    assert [output.shape[-1] for output in keras_model.outputs] == [11] * 4  # ten digits and "no character"
+    held_out, _ = data.read_labels_csv(varied_run / "test_split.csv", varied_run.parent / "images")
+    assert sorted(len(label) for label in held_out.values()) == [3] * 4 + [4] * 4  # 10% of each length's 40
+
+
+def test_a_rare_length_is_warned_about_and_one_outside_the_range_stops_training(tmp_path, cache_dir, capsys):
+    folder = tmp_path / "rare"
+    data.synthesize(folder, 5, length=3, charset="0123456789", size=(32, 64), seed=5)
+    data.synthesize(folder, 25, length=4, charset="0123456789", size=(32, 64), seed=6)
+    cfg = train.resolved(config.load_config(None, overrides(f"data.dir={folder}", "data.length=3-4",
+                                                            "data.charset=0123456789", cache_dir=cache_dir)))
+    train.prepare_data(cfg)
+    report = capsys.readouterr().out
+    assert "lengths: 3: 5 (1 held out), 4: 25 (2 held out)" in report
+    assert "warning: only 5 images of length 3 (1 held out)" in report and "of length 4" not in report
+    shutil.copy(data.find_images(folder)[0], folder / "12345_x.png")
+    with pytest.raises(config.UserError, match=r"1 of 31 labels in file names do not fit data.length=3-4 .*"
+                                               r"12345_x.png '12345_x' \(length 7, not 3-4\)"):
+        train.prepare_data(cfg)
 
 
 def test_held_out_split_never_overlaps_training(trained_run):
