@@ -188,13 +188,13 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
 # ---------------------------------------------------------------- distribution
 
 def data_parallel(distribute):
-    """-> (scope to build and compile in, replicas, (this process, processes), whether each process
+    """-> (function giving the scope to build and compile in, replicas, (this process, processes), whether each process
     feeds only its share of every batch), from each backend's own engine. TensorFlow: MirroredStrategy over every GPU in the box (or every CPU
     device if there is none), MultiWorkerMirroredStrategy across machines when TF_CONFIG describes
     a cluster. JAX: keras.distribution.DataParallel over every device, across hosts when the
     KERAS_DISTRIBUTION_* variables describe them."""
     if distribute == "none":
-        return contextlib.nullcontext(), 1, (0, 1), False
+        return contextlib.nullcontext, 1, (0, 1), False
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
@@ -204,17 +204,17 @@ def data_parallel(distribute):
             cluster = json.loads(os.environ["TF_CONFIG"])
             workers = len(cluster["cluster"].get("worker", []))
             # TensorFlow splits every batch over the workers itself.
-            return strategy.scope(), strategy.num_replicas_in_sync, (cluster["task"]["index"], workers), False
+            return strategy.scope, strategy.num_replicas_in_sync, (cluster["task"]["index"], workers), False
         devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
         strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
-        return strategy.scope(), strategy.num_replicas_in_sync, (0, 1), False
+        return strategy.scope, strategy.num_replicas_in_sync, (0, 1), False
     if backend == "jax":
         import jax
 
         if int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1")) > 1:
             keras.distribution.initialize()
         keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
-        return contextlib.nullcontext(), jax.device_count(), (jax.process_index(), jax.process_count()), True
+        return contextlib.nullcontext, jax.device_count(), (jax.process_index(), jax.process_count()), True
     raise UserError(f"train.distribute=data_parallel needs the tensorflow or jax backend, not {backend}")
 
 
@@ -538,7 +538,7 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     classes = data.class_count(charset, (shortest, longest))  # with a range of lengths, one more: the blank
     # train.batch_size is per device; Adam's learning rate follows the square-root scaling rule.
     batch_size, learning_rate = t["batch_size"] * replicas, t["learning_rate"] * math.sqrt(replicas)
-    with scope:
+    with scope():
         model, initialisation = build_model(d["image_size"], longest, classes, m["backbone"],
                                             "none" if source else m["weights"], m["dropout"], m["weights_strict"])
         if source:
@@ -574,7 +574,7 @@ def train(cfg, run_dir=None, extra_callbacks=()):
                           (process, processes) if feeds_share else (0, 1), augmentation(t), workers=2)
         # A small set's epochs are short: it trains for at least train.min_steps steps.
         epochs = max(t["epochs"], math.ceil(t["min_steps"] / len(batches)))
-        with scope:
+        with scope():
             schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epochs * len(batches))
             optimizer = (keras.optimizers.AdamW(schedule, weight_decay=t["weight_decay"]) if t["weight_decay"]
                          else keras.optimizers.Adam(schedule))
