@@ -49,16 +49,21 @@ class Batches(keras.utils.PyDataset):
     Every batch is full, so that it splits evenly over data-parallel replicas. With several
     processes feeding one global batch (JAX across hosts), each takes its own share of it."""
 
-    def __init__(self, images, indices, targets, num_classes, batch_size, seed, process=(0, 1), augmentation=None,
-                 **kwargs):
+    def __init__(self, images, indices, targets, num_classes, batch_size, seed, steps, process=(0, 1),
+                 augmentation=None, **kwargs):
         super().__init__(**kwargs)
         index, count = process
         self.images, self.targets, self.num_classes = images, targets, num_classes
         self.batch_size = batch_size // count
         self.indices = np.asarray(indices)[index::count]
-        self.seed, self.epoch, self.augmentation = seed, 0, augmentation
-        self.order = np.random.default_rng([seed, 0]).permutation(self.indices)
-        self.steps = max(1, len(indices) // batch_size)
+        self.seed, self.epoch, self.augmentation, self.steps = seed, 0, augmentation, steps
+        self.order = self.shuffled()
+
+    def shuffled(self):
+        """The epoch's order: as many passes over the images, each shuffled anew, as its steps need."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        passes = -(-self.steps * self.batch_size // len(self.indices))
+        return np.concatenate([rng.permutation(self.indices) for _ in range(passes)])
 
     def __len__(self):
         return self.steps
@@ -74,7 +79,7 @@ class Batches(keras.utils.PyDataset):
 
     def on_epoch_end(self):
         self.epoch += 1
-        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(self.indices)
+        self.order = self.shuffled()
 
 
 def distort(pixels, rng, shift=0.0, rotate=0.0, scale=0.0, warp=0.0, blur=0.0, noise=0.0):
@@ -411,12 +416,13 @@ def prepare_data(cfg, charset_hint=None):
             fingerprint.update(f"{side},{data.shown_path(paths[i], root)},{good[i][1]},{digests[i]}\n".encode())
     split = {"train_images": len(train_idx), "held_out_images": len(test_idx), "digest": fingerprint.hexdigest()}
     return {"root": root, "items": good, "images": images, "targets": targets, "charset": charset,
-            "train": train_idx, "test": test_idx, "digests": [digests[i] for i in valid], "split": split}
+            "train": train_idx, "test": test_idx, "digests": digests, "split": split}
 
 
 def read_unlabelled(cfg, dataset):
-    """data.unlabelled's images, decoded like the labelled ones, less those that are labelled
-    images already: a held-out image above all is never pseudo-labelled."""
+    """data.unlabelled's images, decoded like the labelled ones, less the held-out images, which are
+    never pseudo-labelled, and the images training reads with their labels. (A labelled image left
+    out by data.max_train_images may be pseudo-labelled: the benchmarks use that.)"""
     d = cfg["data"]
     root = Path(d["unlabelled"])
     if not root.is_dir():
@@ -425,14 +431,14 @@ def read_unlabelled(cfg, dataset):
     if not paths:
         raise UserError(f"data.unlabelled: no images (jpg, jpeg, png, gif, bmp, webp) in {root}")
     images, digests, failures = data.load_images(paths, d["image_size"], d["cache_dir"], desc=f"decoding {root}")
-    labelled = set(dataset["digests"])
+    labelled = {dataset["digests"][i] for i in (*dataset["train"], *dataset["test"])}
     keep = [i for i in range(len(paths)) if i not in failures and digests[i] not in labelled]
     print(f"unlabelled: {len(keep)} images from {root} for self-training")
     if failures:
         first = "; ".join(f"{data.shown_path(paths[i], root)} ({why})" for i, why in list(failures.items())[:3])
         print(f"  note: {len(failures)} unreadable images skipped: {first}")
     if len(paths) - len(failures) > len(keep):
-        print(f"  note: {len(paths) - len(failures) - len(keep)} are labelled images already (in data.dir), skipped")
+        print(f"  note: {len(paths) - len(failures) - len(keep)} are held-out or training images already, skipped")
     return {"root": root, "paths": [paths[i] for i in keep], "images": images[keep]}
 
 
@@ -561,7 +567,8 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     tensorboard = importlib.util.find_spec("tensorboard") is not None  # absent where the backend is not TensorFlow
     rounds = t["self_training_rounds"] if unlabelled else 0
     progress_path = run_dir / "rounds.json"  # rounds completed, and the epochs they ran
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else {"rounds": 0, "epochs": 0}
+    progress = (json.loads(progress_path.read_text()) if progress_path.exists()
+                else {"rounds": 0, "epochs": 0, "steps": 0})
     if progress["rounds"]:  # killed after a round had ended: go on from the best weights so far
         early_stopping.restore()
         model.set_weights(early_stopping.best_weights)
@@ -570,12 +577,14 @@ def train(cfg, run_dir=None, extra_callbacks=()):
         if round_:  # self-training: the unlabelled images read surely enough join the labelled ones
             images, targets, train_indices = with_pseudo_labels(model, dataset, unlabelled, shape, round_,
                                                                 t["pseudo_label_confidence"], run_dir)
-        batches = Batches(images, train_indices, targets, classes, batch_size, d["seed"] + round_,
+        # Every epoch passes over the images once, or more where a small set would make it shorter
+        # than train.min_steps / train.epochs steps: so the held-out split is scored train.epochs
+        # times, however small the set.
+        steps = max(1, len(train_indices) // batch_size, math.ceil(t["min_steps"] / t["epochs"]))
+        batches = Batches(images, train_indices, targets, classes, batch_size, d["seed"] + round_, steps,
                           (process, processes) if feeds_share else (0, 1), augmentation(t), workers=2)
-        # A small set's epochs are short: it trains for at least train.min_steps steps.
-        epochs = max(t["epochs"], math.ceil(t["min_steps"] / len(batches)))
         with scope():
-            schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epochs * len(batches))
+            schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=t["epochs"] * steps)
             optimizer = (keras.optimizers.AdamW(schedule, weight_decay=t["weight_decay"]) if t["weight_decay"]
                          else keras.optimizers.Adam(schedule))
             model.compile(
@@ -597,10 +606,12 @@ def train(cfg, run_dir=None, extra_callbacks=()):
         trim_history(run_dir / "history.csv", completed_epochs(backup) or progress["epochs"])
         early_stopping.new_round = round_ > 0 and not completed_epochs(backup)
         model._initial_epoch = None  # fit keeps the epoch a previous round's BackupAndRestore resumed at
-        model.fit(batches, initial_epoch=progress["epochs"], epochs=progress["epochs"] + epochs, callbacks=callbacks,
+        model.fit(batches, initial_epoch=progress["epochs"], epochs=progress["epochs"] + t["epochs"], callbacks=callbacks,
                   verbose=1 if sys.stdout.isatty() else 2)
         with open(run_dir / "history.csv", newline="") as f:
-            progress = {"rounds": round_ + 1, "epochs": len(list(csv.DictReader(f)))}
+            epochs_run = len(list(csv.DictReader(f)))
+        progress = {"rounds": round_ + 1, "epochs": epochs_run,
+                    "steps": progress["steps"] + (epochs_run - progress["epochs"]) * steps}
         data.write_atomically(progress_path, json.dumps(progress))
 
     chosen = early_stopping.best_epoch + 1
@@ -612,7 +623,7 @@ def train(cfg, run_dir=None, extra_callbacks=()):
         "preprocessing": f"{preprocessing_for(m['backbone'])} scaling of RGB uint8 pixels, inside the model; "
                          f"images resized to image_size by data.decode_image (bilinear)",
         "decode_version": data.DECODE_VERSION, "trained_precision": policy, "epoch": chosen,
-        "train_images": len(dataset["train"]), "held_out_images": len(dataset["test"]),
+        "train_images": len(dataset["train"]), "held_out_images": len(dataset["test"]), "steps": progress["steps"],
         "held_out_whole_string_accuracy": held_out_accuracy, "batchnorm": (
             f"statistics recomputed over {len(sample)} training images" if len(sample) else "moving averages"),
         "continued_from": source and {"model": source["path"], "heads": "kept" if heads else "new"},

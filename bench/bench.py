@@ -1,13 +1,14 @@
 """Benchmark on real captchas against the pretrained OCR ddddocr: accuracy, training and prediction speed.
 
     python bench/bench.py [--mode cpu|gpu] [--sets henan_4digit lzu_5digit synthetic mixed_4_5digit synthetic_4to6]
-                          [--learning-curve] [--shared ../shared/data] [--out bench/results]
+                          [--shared ../shared/data] [--out bench/results]
 
 For each set it trains with train.py on the train split, scores the held-out split with
 evaluate.py, reads the same held-out images with ddddocr (case-insensitively), and times
 predict.py against ddddocr on the whole folder, each as a whole process, in the same run.
 Every stage keeps its result under --out and a rerun skips the stages already done, so an
 interrupted benchmark loses at most the stage it was in. Needs `pip install ddddocr==1.6.1`.
+Learning curves, with and without unlabelled captchas, are bench/label_fewer.py's.
 """
 import argparse
 import contextlib
@@ -30,17 +31,15 @@ SYNTH_CHARSET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SETS = {  # folders relative to --shared; labels_clean scores where the published labels are noisy
     "henan_4digit": {"dir": "henan_4digit", "labels": "henan_4digit/labels.csv",
                      "labels_clean": "henan_4digit/labels_clean.csv", "folder": "henan_4digit/OCR_Dataset",
-                     "length": 4, "epochs": {"cpu": 12}},
-    "lzu_5digit": {"dir": "lzu_5digit/right", "folder": "lzu_5digit/right", "length": 5, "epochs": {"cpu": 10}},
+                     "length": 4, "epochs": {"cpu": 3}},
+    "lzu_5digit": {"dir": "lzu_5digit/right", "folder": "lzu_5digit/right", "length": 5, "epochs": {"cpu": 4}},
     # The classic setting: 4 characters of 0-9A-Z at 128x64, drawn by data.py synth.
     "synthetic": {"synth": 10_000, "length": 4, "image_size": [64, 128], "epochs": {"cpu": 10}},
     # Captchas of varying length: the two real sets pooled into one folder (links under --out) with one
     # labels CSV, trained as one 4-5-digit set; and 4 to 6 characters of 0-9A-Z at 160x64, drawn by data.py synth.
-    "mixed_4_5digit": {"pool": ("henan_4digit", "lzu_5digit"), "length": "4-5", "epochs": {"cpu": 10}},
+    "mixed_4_5digit": {"pool": ("henan_4digit", "lzu_5digit"), "length": "4-5", "epochs": {"cpu": 3}},
     "synthetic_4to6": {"synth": 10_000, "length": "4-6", "image_size": [64, 160], "epochs": {"cpu": 10}},
 }
-LEARNING_CURVE = (250, 500, 1000, 2000)
-CURVE_STEPS = 800  # training steps for each learning-curve point (at least train.epochs' worth)
 
 
 def python(script, *args, log, stdout=None):
@@ -235,27 +234,7 @@ def bench_set(name, spec, shared, out, mode):
     return result
 
 
-def learning_curve(spec, shared, out, mode, full):
-    points = []
-    for count in LEARNING_CURVE:
-        steps_per_epoch = max(1, count // 32)
-        epochs = max(spec["epochs"].get(mode, 12), -(-CURVE_STEPS // steps_per_epoch))
-        where = out / f"n{count}"
-        where.mkdir(parents=True, exist_ok=True)
-        # Epochs of a few steps each are too short to judge a plateau by: the held-out split
-        # still picks the best epoch, but patience spans the whole run.
-        trained = stage(where / "train.json", lambda: train(spec, shared, where, mode, f"data.max_train_images={count}",
-                                                            f"train.epochs={epochs}", f"train.patience={epochs}"))
-        scored = stage(where / "ours.json", lambda: evaluate(where / "run", where, shared / spec["labels_clean"]))
-        points.append({"train_images": count, "epochs_run": trained["epochs_run"],
-                       "whole_string_accuracy": scored["whole_string_accuracy"]})
-    if full:  # the "all images" point is henan_4digit's own row, when this run benchmarks it
-        points.append({"train_images": full["train_images"], "epochs_run": full["epochs_run"],
-                       "whole_string_accuracy": full["ours"]["whole_string_accuracy"]})
-    return points
-
-
-def table(results, curve):
+def table(results):
     percent = lambda x: f"{100 * x:.2f}%"  # noqa: E731
     lines = ["| set | ours | ddddocr | epoch chosen / run | training time | training images/s | "
              "predict images/s: ours / ddddocr (ratio) |", "|---|---|---|---|---|---|---|"]
@@ -286,11 +265,6 @@ def table(results, curve):
                          f"{n['held_out_wrong_labels']} held-out images whose published label is wrong, it reads "
                          f"{n['read_right']} right; evaluate.py flags {n['flagged']} of them as suspected label "
                          f"errors, with {n['false_flags']} false flags.")
-    if curve:
-        lines.append("\nlearning curve (henan_4digit, scored against the clean labels):\n\n"
-                     "| training images | epochs run | whole-string accuracy |\n|---|---|---|")
-        lines += [f"| {p['train_images']} | {p['epochs_run']} | {percent(p['whole_string_accuracy'])} |"
-                  for p in curve]
     return "\n".join(lines)
 
 
@@ -298,20 +272,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
-    parser.add_argument("--learning-curve", action="store_true", help="also train henan_4digit on subsets")
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
     out = args.out / args.mode
     results = [bench_set(name, dict(SETS[name]), args.shared.resolve(), out / name, args.mode) for name in args.sets]
-    curve = None
-    if args.learning_curve:
-        henan = next((r for r in results if r["set"] == "henan_4digit"), None)
-        curve = learning_curve(dict(SETS["henan_4digit"], data_dir=args.shared.resolve() / "henan_4digit"),
-                               args.shared.resolve(), out / "henan_4digit_curve", args.mode, henan)
-    summary = table(results, curve)
+    summary = table(results)
     print(summary)
-    data.write_atomically(out / "results.json", json.dumps({"results": results, "learning_curve": curve}, indent=2))
+    data.write_atomically(out / "results.json", json.dumps({"results": results}, indent=2))
     data.write_atomically(out / "results.md", summary + "\n")
 
 

@@ -30,7 +30,9 @@ STANDINS = {
                      "epochs": 25},
 }
 VARIANTS = {  # settings on top of bench/cpu.yaml
-    "before": ["train.batchnorm_images=0"],  # Keras's moving averages, as before precise BN
+    # The defaults before this work: Keras's moving BatchNorm averages, no augmentation, no step minimum.
+    "before": ["train.batchnorm_images=0", "train.min_steps=0",
+               *(f"train.augment_{name}=0" for name in ("shift", "rotate", "scale", "warp", "blur", "noise"))],
     "after": [],  # the shipped defaults
 }
 

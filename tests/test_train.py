@@ -384,7 +384,7 @@ def test_continuing_a_run_starts_from_its_weights_and_self_trains_on_unlabelled_
     run_dir = train.train(cfg, tmp_path / "run")
     printed = capsys.readouterr().out
     assert "every weight, heads included" in printed and "broken.png (empty file)" in printed
-    assert "3 are labelled images already" in printed
+    assert "3 are held-out or training images already" in printed
     with open(run_dir / "history.csv") as f:
         continued = list(csv.DictReader(f))
     with open(trained_run / "history.csv") as f:
