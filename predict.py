@@ -90,7 +90,10 @@ class Recognizer:
 
     def read(self, pixels):
         """uint8 array N x H x W x 3 -> list of Reading."""
-        probabilities = np.stack(self.probabilities(pixels), axis=1)  # N x length x classes
+        return self.readings(np.stack(self.probabilities(pixels), axis=1))
+
+    def readings(self, probabilities):
+        """N x length x classes probabilities -> list of Reading."""
         indices = probabilities.argmax(axis=-1)
         position_confidences = probabilities.max(axis=-1)
         texts = data.decode(indices, self.metadata["charset"])
