@@ -4,7 +4,7 @@
 
 The calls are interleaved on the same real henan_4digit captchas (JPEG bytes, decoding included),
 in an order that rotates, so that a busy machine slows each alike: compare the ratios. Then the
-folder speed, in the same process: the same readers on a few hundred captchas, ours in one call.
+folder speed, in the same process: the same readers taking turns on 128 captchas, ours in one call.
 The model (Keras and its ONNX export) is trained once for timing under --out/timing; each
 measurement is kept under --out/latency, and a rerun skips what is kept: delete a file to measure
 it again. Needs `pip install ddddocr==1.6.1`.
@@ -20,8 +20,8 @@ from bench import ROOT, on_this_machine, stage, timing_model
 import data  # noqa: E402  (bench puts the repository on the path)
 from predict import Recognizer  # noqa: E402
 
-FOLDER_IMAGES = 640
-FOLDER_ROUNDS = 3
+FOLDER_IMAGES = 128  # two batches of 64 for ours
+FOLDER_ROUNDS = 8  # short turns in a rotating order, so that a change of load falls on every reader
 
 
 def readers(run_dir, onnx):
