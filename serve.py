@@ -73,13 +73,17 @@ def too_large(max_bytes):
 
 async def read_batches(recognizer, queue, batch_size, batch_wait, stats):
     """Reads the queued (pixels, future) pairs: each model call takes what is queued when the
-    model is free, and what else arrives within batch_wait seconds, up to batch_size images."""
+    model is free, and what else arrives while requests keep coming, each within batch_wait
+    seconds of the one before, up to batch_size images."""
     model_thread = ThreadPoolExecutor(1)
     loop = asyncio.get_running_loop()
     while True:
         batch = [await queue.get()]
-        if batch_wait and queue.qsize() < batch_size - 1:
+        while batch_wait and 1 + queue.qsize() < batch_size:
+            queued = queue.qsize()
             await asyncio.sleep(batch_wait)
+            if queue.qsize() == queued:  # nothing arrived: the burst is over
+                break
         while len(batch) < batch_size and not queue.empty():
             batch.append(queue.get_nowait())
         pixels = np.stack([item[0] for item in batch])
@@ -99,6 +103,7 @@ async def read_batches(recognizer, queue, batch_size, batch_wait, stats):
         stats["model_calls"] += 1
         stats["images_read"] += len(batch)
         stats["largest_batch"] = max(stats["largest_batch"], len(batch))
+        stats["batch_sizes"][len(batch)] = stats["batch_sizes"].get(len(batch), 0) + 1
 
 
 # ---------------------------------------------------------------- reading requests
@@ -171,7 +176,7 @@ def no_colour_filter(colors, custom_color_ranges):
 
 def create_app(recognizer, batch_size=DEFAULT_BATCH_SIZE, batch_wait=DEFAULT_BATCH_WAIT_MS / 1000,
                max_body_bytes=DEFAULT_MAX_BODY_BYTES):
-    stats = {"model_calls": 0, "images_read": 0, "largest_batch": 0}
+    stats = {"model_calls": 0, "images_read": 0, "largest_batch": 0, "batch_sizes": {}}  # size -> model calls
     queue = None
 
     @asynccontextmanager

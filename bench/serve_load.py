@@ -100,10 +100,23 @@ def load(port, bodies, clients, requests):
     return time.perf_counter() - begin, latencies, failures
 
 
+def health(port):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/health")
+    return json.loads(connection.getresponse().read())
+
+
+def calls_by_batch_size(before, after):
+    """Two readings of serve.py's /health -> {images read in one model call: calls} between them."""
+    return {size: calls - before["batch_sizes"].get(size, 0) for size, calls in after["batch_sizes"].items()
+            if calls > before["batch_sizes"].get(size, 0)}
+
+
 def level(ports, bodies, clients, requests, rounds):
     names = list(ports)
     for name in names:  # each server's first requests load or trace its model: not timed
         load(ports[name], bodies, clients, 2 * clients)
+    counts_before = {name: health(ports[name]) for name in names}
     seconds, latencies, failures = ({name: 0.0 for name in names}, {name: [] for name in names},
                                     {name: [] for name in names})
     for r in range(rounds):
@@ -112,6 +125,7 @@ def level(ports, bodies, clients, requests, rounds):
             seconds[name] += took
             latencies[name] += answered
             failures[name] += failed
+    counts_after = {name: health(ports[name]) for name in names}
     result = {}
     for name in names:
         times = sorted(latencies[name]) or [float("nan")]
@@ -120,6 +134,8 @@ def level(ports, bodies, clients, requests, rounds):
                         "requests_per_second": round(len(latencies[name]) / seconds[name], 1),
                         "p50_ms": round(1000 * statistics.median(times), 1),
                         "p99_ms": round(1000 * times[min(len(times) - 1, int(0.99 * len(times)))], 1)}
+        if "batch_sizes" in counts_before[name]:  # serve.py's
+            result[name]["model_calls_by_batch_size"] = calls_by_batch_size(counts_before[name], counts_after[name])
     for name in names:
         result[name]["vs_ddddocr"] = round(result[name]["requests_per_second"]
                                            / result["ddddocr"]["requests_per_second"], 2)
