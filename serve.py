@@ -167,7 +167,7 @@ def flag(value, name):
 
 def no_colour_filter(colors, custom_color_ranges):
     """ddddocr can filter colours before reading; this model reads the captcha as it was trained."""
-    if colors or custom_color_ranges not in (None, "null", ""):
+    if colors or (custom_color_ranges and custom_color_ranges != "null"):
         raise HTTPException(400, "colour filtering (colors, custom_color_ranges) is not supported: the model "
                                  "reads captchas as they come")
 
@@ -248,7 +248,7 @@ def create_app(recognizer, batch_size=DEFAULT_BATCH_SIZE, batch_wait=DEFAULT_BAT
         probability = flag(form.get("probability", "false"), "probability")
         try:
             colors = json.loads(form.get("colors") or "[]")
-        except ValueError:
+        except (TypeError, ValueError):
             raise HTTPException(400, "colors must be a JSON list") from None
         no_colour_filter(colors, form.get("custom_color_ranges"))
         return ddddocr_answer(await read(content), probability, start)
