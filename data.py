@@ -32,6 +32,9 @@ from config import LENGTH_RULE, UserError, length_range
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # Captchas are small: refuse larger images from their header, before decoding them.
 MAX_PIXELS = 4096 * 4096
+# The raster formats Pillow may read; the others are never tried. EPS, for one, would hand the file to
+# Ghostscript, a PostScript interpreter, which a server must not run on what it is sent.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes MPO, what cameras write
 # Part of the cache key: bump it whenever decode_image's output or the cached digests change.
 DECODE_VERSION = 2
 SYNTH_CHARSET = string.digits + string.ascii_uppercase
@@ -87,7 +90,7 @@ def open_image(content):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(content))
+            return Image.open(io.BytesIO(content), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageError("too large to be a captcha") from None
     except Image.UnidentifiedImageError:

@@ -31,7 +31,8 @@ import tensorflow  # noqa: E402  (every format here is exported through TensorFl
 import data  # noqa: E402
 from evaluate import held_out_items  # noqa: E402
 from model import load_model, model_path  # noqa: E402
-from predict import DEFAULT_BATCH_SIZE, EXPORT_LOADERS, Recognizer, export_metadata_path  # noqa: E402
+from predict import (DEFAULT_BATCH_SIZE, EXPORT_LOADERS, Recognizer, export_metadata_path,  # noqa: E402
+                     keras_batch_function)
 
 # --format: (Keras's name for the format, default name in RUN_DIR/export/)
 FORMATS = {"onnx": ("onnx", "model.onnx"), "tflite": ("litert", "model.tflite"),
@@ -83,7 +84,7 @@ def sample_images(model_arg, metadata):
 
 def parity(model, run_batch, metadata, samples):
     """-> (largest absolute difference of any probability, number of samples read differently)."""
-    expected = Recognizer(model.predict_on_batch, metadata).probabilities(samples)
+    expected = Recognizer(keras_batch_function(model), metadata).probabilities(samples)
     actual = Recognizer(run_batch, metadata).probabilities(samples)
     difference = max(float(np.abs(e - a).max()) for e, a in zip(expected, actual))
     texts = [data.decode(np.stack(p, axis=1).argmax(axis=-1), metadata["charset"]) for p in (expected, actual)]

@@ -88,6 +88,30 @@ def train(spec, shared, out, mode, *settings):
             "epoch_chosen": metadata["epoch"], "train_images_per_second": round(trained * epochs / seconds, 1)}
 
 
+def timing_model(shared, out):
+    """-> (run directory, its ONNX export): a model at the default 50x120 input to time reading with,
+    trained one epoch on 64 henan_4digit captchas, as speed does not depend on the weights."""
+    spec = dict(SETS["henan_4digit"], data_dir=shared / "henan_4digit")
+    out.mkdir(parents=True, exist_ok=True)
+    stage(out / "train.json", lambda: train(spec, shared, out, "cpu", "data.max_train_images=64", "train.epochs=1"))
+    stage(out / "export_onnx.json", lambda: {"seconds": round(python(
+        "export.py", "--model", out / "run", "--format", "onnx", log=out / "export_onnx.log"), 1)})
+    return out / "run", out / "run" / "export" / "model.onnx"
+
+
+def on_this_machine(measure):
+    """measure()'s result, with what it ran on: the commit, the CPU, and the load average before and
+    after it, for how busy the machine was."""
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT)
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    before = os.getloadavg()
+    result = measure()
+    return {**result, "machine": {"commit": commit.stdout.strip(), "cpu": cpu, "cores": os.cpu_count(),
+                                  "date": time.strftime("%Y-%m-%d %H:%M"), "load_before": before,
+                                  "load_after": os.getloadavg()}}
+
+
 def evaluate(run_dir, out, labels=None, name="evaluate"):
     args = ["--model", run_dir, "--json", "--errors", out / f"{name}_errors.csv"]
     python("evaluate.py", *args, *(["--labels", labels] if labels else []), log=out / f"{name}.log",

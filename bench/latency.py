@@ -1,0 +1,118 @@
+"""One captcha at a time: Recognizer.predict([one image]) against ddddocr.classification, in one process.
+
+    python bench/latency.py [--shared ../shared/data] [--images 40] [--rounds 5] [--out bench/results]
+
+The calls are interleaved on the same real henan_4digit captchas (JPEG bytes, decoding included),
+in an order that rotates, so that a busy machine slows each alike: compare the ratios. Then the
+folder speed, in the same process: the same readers taking turns on 128 captchas, ours in one call.
+The model (Keras and its ONNX export) is trained once for timing under --out/timing; each
+measurement is kept under --out/latency, and a rerun skips what is kept: delete a file to measure
+it again. Needs `pip install ddddocr==1.6.1`.
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench import ROOT, on_this_machine, stage, timing_model
+
+import data  # noqa: E402  (bench puts the repository on the path)
+from predict import Recognizer  # noqa: E402
+
+FOLDER_IMAGES = 128  # two batches of 64 for ours
+FOLDER_ROUNDS = 8  # short turns in a rotating order, so that a change of load falls on every reader
+
+
+def readers(run_dir, onnx):
+    """name -> function reading one captcha's bytes; and name -> function reading a list of them."""
+    import ddddocr
+
+    keras, exported = Recognizer.load(run_dir), Recognizer.load(onnx)
+    ocr = ddddocr.DdddOcr(show_ad=False)
+    one = {"keras": lambda image: keras.predict([image]), "onnx": lambda image: exported.predict([image]),
+           "ddddocr": ocr.classification}
+    many = {"keras": keras.predict, "onnx": exported.predict,
+            "ddddocr": lambda images: [ocr.classification(image) for image in images]}
+    return one, many
+
+
+def milliseconds(times):
+    times = sorted(times)
+    return {"median_ms": round(1000 * statistics.median(times), 2),
+            "p99_ms": round(1000 * times[min(len(times) - 1, int(0.99 * len(times)))], 2),
+            "fastest_ms": round(1000 * times[0], 2), "calls": len(times)}
+
+
+def latency(one, images, rounds):
+    names = list(one)
+    for image in images:  # first calls build graphs and allocate: not timed
+        for name in names:
+            one[name](image)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for i, image in enumerate(images):
+            shift = (r * len(images) + i) % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                one[name](image)
+                times[name].append(time.perf_counter() - start)
+    calls = {name: milliseconds(t) for name, t in times.items()}
+    for name in names:
+        calls[name]["median_vs_ddddocr"] = round(calls[name]["median_ms"] / calls["ddddocr"]["median_ms"], 2)
+    return {"images": len(images), "rounds": rounds, "calls": calls}
+
+
+def folder_speed(many, images):
+    seconds = {name: 0.0 for name in many}
+    many["keras"](images[:64]), many["onnx"](images[:64])  # warm
+    for r in range(FOLDER_ROUNDS):
+        for name in list(many)[r % len(many):] + list(many)[:r % len(many)]:
+            start = time.perf_counter()
+            many[name](images)
+            seconds[name] += time.perf_counter() - start
+    rates = {name: round(FOLDER_ROUNDS * len(images) / s, 1) for name, s in seconds.items()}
+    return {"images": len(images), "images_per_second": rates,
+            "ratio_to_ddddocr": {name: round(rate / rates["ddddocr"], 2) for name, rate in rates.items()}}
+
+
+def where(result):
+    m = result["machine"]
+    return (f"commit {m['commit']}, {m['cpu']}, {m['cores']} cores, {m['date']}; load average "
+            f"{m['load_before'][0]:.1f} before, {m['load_after'][0]:.1f} after")
+
+
+def table(lat, speed):
+    calls = {"keras": "`Recognizer.load(run).predict([image])`", "onnx": "the same, ONNX export",
+             "ddddocr": "`ddddocr.classification(image)`"}
+    lines = [where(lat), "", "| call | median ms | p99 ms | fastest ms | median vs ddddocr |", "|---|---|---|---|---|"]
+    lines += [f"| {calls[name]} | {t['median_ms']} | {t['p99_ms']} | {t['fastest_ms']} | {t['median_vs_ddddocr']}x |"
+              for name, t in lat["calls"].items()]
+    rates, ratios = speed["images_per_second"], speed["ratio_to_ddddocr"]
+    lines += ["", f"folder of {speed['images']} captchas, images/s: "
+              + ", ".join(f"{name} {rates[name]} ({ratios[name]}x)" for name in rates) + "; " + where(speed)]
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--images", type=int, default=40, help="captchas timed one at a time")
+    parser.add_argument("--rounds", type=int, default=5, help="times each captcha is read by each reader")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    shared = args.shared.resolve()
+    run_dir, onnx = timing_model(shared, args.out / "timing")
+    paths = data.find_images(shared / "henan_4digit" / "OCR_Dataset")
+    images = [path.read_bytes() for path in paths[:max(args.images, FOLDER_IMAGES)]]
+    one, many = readers(run_dir, onnx)
+    out = args.out / "latency"
+    lat = stage(out / "latency.json", lambda: on_this_machine(lambda: latency(one, images[:args.images], args.rounds)))
+    speed = stage(out / "folder.json", lambda: on_this_machine(lambda: folder_speed(many, images[:FOLDER_IMAGES])))
+    summary = table(lat, speed)
+    print(summary)
+    data.write_atomically(out / "results.md", summary + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
