@@ -1,9 +1,14 @@
 """Shared fixtures: tiny synthetic data and one tiny trained run, made once per session.
 
-Everything is small (32x64 inputs, a few hundred images, weights=none), so the suite needs
-no network and runs in minutes on two CPU cores.
+Everything is small (32x64 inputs, a few hundred images, weights=none, MobileNet but for the
+shipped default's run), so the suite needs no network and runs in minutes on two CPU cores.
 """
+import contextlib
+import fcntl
+import importlib
+import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,18 +20,40 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 
-TINY = ["data.image_size=[32,64]", "model.weights=none", "train.batch_size=16", "train.precision=float32",
-        "train.min_steps=0"]
+# MobileNet: the backbone quickest to trace and to step through of those with BatchNorm, as tracing a
+# training step costs more than everything else in a tiny run. trained_run keeps the default, Xception.
+TINY = ["data.image_size=[32,64]", "model.weights=none", "model.backbone=MobileNet", "train.batch_size=16",
+        "train.precision=float32", "train.min_steps=0"]
 
 
 def overrides(*extra, cache_dir):
     return [*TINY, f"data.cache_dir={cache_dir}", *extra]
 
 
+def copy_digits(digits, folder, count, start=0):
+    folder.mkdir(exist_ok=True)
+    for path in data.find_images(digits)[start:start + count]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+
 def run_script(script, *args, env=None, cwd=None, timeout=300):
     """Runs one of the project's scripts as a user would; -> CompletedProcess with text output."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or ROOT, env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def run_in_process(script, *args):
+    """The same, in this process: main() under config.run, as the script's command line runs it, without
+    a second TensorFlow start-up -> CompletedProcess with what it printed."""
+    import config
+
+    module = importlib.import_module(Path(script).stem)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        config.run(lambda: module.main([str(a) for a in args]))
+    return subprocess.CompletedProcess([script, *args], exit_.value.code or 0, out.getvalue(), err.getvalue())
 
 
 def assert_one_line_error(result, *fragments):
@@ -52,6 +79,21 @@ def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
+def made_once(tmp_path_factory, name, make):
+    """A session fixture's folder, made by make(folder) once for all of pytest-xdist's workers: the
+    first makes it under a lock, the others wait for it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this run's, not an earlier one's
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / name / "made").exists():
+            shutil.rmtree(shared / name, ignore_errors=True)
+            (shared / name).mkdir()
+            make(shared / name)
+            (shared / name / "made").touch()
+    return shared / name
+
+
 @pytest.fixture(scope="session")
 def varied_run(tmp_path_factory, cache_dir):
     """A run on captchas of 3 or 4 digits (data.length=3-4): 80 drawn by `data.py synth --length 3-4`,
@@ -59,12 +101,14 @@ def varied_run(tmp_path_factory, cache_dir):
     import config
     import train
 
-    work = tmp_path_factory.mktemp("varied")
-    data.main(["synth", "--out", str(work / "images"), "--count", "80", "--length", "3-4", "--charset", "0123456789",
-               "--size", "32x64", "--seed", "2"])
-    cfg = config.load_config(None, overrides(f"data.dir={work / 'images'}", "data.length=3-4", "train.epochs=1",
-                                             "data.charset=0123456789", cache_dir=cache_dir))
-    return train.train(cfg, work / "run")
+    def make(work):
+        data.main(["synth", "--out", str(work / "images"), "--count", "80", "--length", "3-4", "--charset",
+                   "0123456789", "--size", "32x64", "--seed", "2"])
+        cfg = config.load_config(None, overrides(f"data.dir={work / 'images'}", "data.length=3-4", "train.epochs=1",
+                                                 "data.charset=0123456789", cache_dir=cache_dir))
+        train.train(cfg, work / "run")
+
+    return made_once(tmp_path_factory, "varied", make) / "run"
 
 
 @pytest.fixture(scope="session")
@@ -74,14 +118,16 @@ def trained_run(tmp_path_factory, cache_dir):
     import config
     import train
 
-    work = tmp_path_factory.mktemp("work")
-    cwd, count = os.getcwd(), data.SYNTH_COUNT
-    os.chdir(work)
-    data.SYNTH_COUNT = 120
-    try:
-        cfg = config.load_config(None, overrides("train.epochs=2", "data.charset=0123456789", cache_dir=cache_dir))
-        run_dir = train.train(cfg, work / "run")
-    finally:
-        os.chdir(cwd)
-        data.SYNTH_COUNT = count
-    return run_dir
+    def make(work):
+        cwd, count = os.getcwd(), data.SYNTH_COUNT
+        os.chdir(work)
+        data.SYNTH_COUNT = 120
+        try:
+            cfg = config.load_config(None, overrides("train.epochs=2", "data.charset=0123456789",
+                                                     "model.backbone=Xception", cache_dir=cache_dir))
+            train.train(cfg, work / "run")
+        finally:
+            os.chdir(cwd)
+            data.SYNTH_COUNT = count
+
+    return made_once(tmp_path_factory, "work", make) / "run"

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from config import UserError, load_config
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process
 
 
 def test_defaults_load_and_every_key_is_commented():
@@ -75,5 +75,5 @@ def test_a_user_file_overrides_defaults_and_is_checked(tmp_path):
 
 
 def test_unknown_key_on_the_command_line_is_one_clear_line():
-    result = run_script("train.py", "--set", "train.epoch=3")
+    result = run_in_process("train.py", "--set", "train.epoch=3")
     assert_one_line_error(result, "train.epoch", "train.epochs")

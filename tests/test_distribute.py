@@ -12,7 +12,7 @@ from conftest import ROOT, overrides, run_script
 
 
 def training_args(run_dir, digits, cache_dir, *extra):
-    settings = overrides("train.epochs=1", "train.batch_size=8", "train.distribute=data_parallel",
+    settings = overrides("train.epochs=1", "train.batch_size=8", "train.distribute=data_parallel", "data.max_train_images=32",
                          f"data.dir={digits}", *extra, cache_dir=cache_dir)
     return ["--run-dir", str(run_dir), *[arg for s in settings for arg in ("--set", s)]]
 

@@ -13,7 +13,7 @@ import data
 import evaluate
 import predict
 from config import UserError
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +248,7 @@ def test_predict_reads_every_good_file_and_reports_bad_ones(trained_run, known_f
     jpeg = io.BytesIO()
     Image.new("RGB", (64, 32), "white").save(jpeg, format="JPEG")
     (folder / "cut.jpg").write_bytes(jpeg.getvalue()[:200])
-    result = run_script("predict.py", "--model", trained_run, folder, "--output", tmp_path / "out.jsonl")
+    result = run_in_process("predict.py", "--model", trained_run, folder, "--output", tmp_path / "out.jsonl")
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
@@ -278,7 +278,7 @@ def test_a_file_that_is_not_a_model_is_one_clear_line(tmp_path, known_folder):
     fake.write_text("not a model")
     for script in ("predict.py", "evaluate.py"):
         args = [known_folder] if script == "predict.py" else []
-        assert_one_line_error(run_script(script, "--model", fake, *args), "is not a model made by train.py")
+        assert_one_line_error(run_in_process(script, "--model", fake, *args), "is not a model made by train.py")
 
 
 def test_missing_held_out_images_are_skipped_and_a_moved_data_folder_is_named(trained_run, recognizer, tmp_path,

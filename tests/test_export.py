@@ -14,7 +14,7 @@ import data
 import export
 import predict
 from config import UserError
-from conftest import assert_one_line_error, run_script
+from conftest import assert_one_line_error, run_in_process, run_script
 from model import read_metadata
 
 
@@ -140,11 +140,11 @@ def test_user_errors_are_one_line(exports, trained_run, held_out, tmp_path):
         export.main(["--model", str(tmp_path / "missing"), "--format", "onnx"])
     fake = tmp_path / "fake.keras"
     fake.write_text("not a model")
-    assert_one_line_error(run_script("export.py", "--model", fake, "--format", "onnx"), "not a model made by train.py")
+    assert_one_line_error(run_in_process("export.py", "--model", fake, "--format", "onnx"), "not a model made by train.py")
 
     alone = tmp_path / "alone.onnx"  # an export without its metadata
     shutil.copy(exports["onnx"][0], alone)
-    assert_one_line_error(run_script("predict.py", "--model", alone, held_out[0]), "expected", "alone.onnx.json")
+    assert_one_line_error(run_in_process("predict.py", "--model", alone, held_out[0]), "expected", "alone.onnx.json")
     (tmp_path / "text.onnx").write_text("not a model")
     shutil.copy(predict.export_metadata_path(exports["onnx"][0]), tmp_path / "text.onnx.json")
     with pytest.raises(UserError, match="is not an ONNX model"):

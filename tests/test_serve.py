@@ -1,6 +1,5 @@
 """serve.py as a user starts it: one server process for the module, on a free loopback port."""
 import base64
-import io
 import socket
 import subprocess
 import sys
@@ -10,11 +9,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 import data
 import predict
-from conftest import ROOT, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_in_process
 from test_data import bomb_png
 
 MAX_BODY_BYTES = 100_000
@@ -175,5 +173,5 @@ def test_concurrent_requests_are_read_together_and_each_gets_its_own_answer(serv
 
 
 def test_command_line_mistakes_are_one_line(tmp_path):
-    assert_one_line_error(run_script("serve.py", "--model", tmp_path / "absent"), "no model at")
-    assert_one_line_error(run_script("serve.py", "--model", tmp_path, "--batch-size", "0"), "--batch-size")
+    assert_one_line_error(run_in_process("serve.py", "--model", tmp_path / "absent"), "no model at")
+    assert_one_line_error(run_in_process("serve.py", "--model", tmp_path, "--batch-size", "0"), "--batch-size")

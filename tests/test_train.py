@@ -15,15 +15,8 @@ import config
 import data
 import model
 import train
-from conftest import ROOT, assert_one_line_error, overrides, run_script
+from conftest import ROOT, assert_one_line_error, copy_digits, overrides, run_in_process
 from PIL import Image
-
-
-def copy_digits(digits, folder, count, start=0):
-    folder.mkdir(exist_ok=True)
-    for path in data.find_images(digits)[start:start + count]:
-        (folder / path.name).write_bytes(path.read_bytes())
-    return folder
 
 
 def tiny_config(folder, cache_dir, *extra):
@@ -99,14 +92,14 @@ def test_bad_labels_stop_training_naming_the_files(tmp_path, digits, cache_dir):
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "12345_x.png").write_bytes(path.read_bytes())
     settings = [f"--set={o}" for o in overrides("data.charset=0123456789", f"data.dir={folder}", cache_dir=cache_dir)]
-    result = run_script("train.py", *settings, "--run-dir", tmp_path / "run")
+    result = run_in_process("train.py", *settings, "--run-dir", tmp_path / "run")
     assert_one_line_error(result, "1 of 11 labels", "12345_x.png", "length 7, not 4")
     assert not (tmp_path / "run").exists()
     names = sorted(p.name for p in folder.iterdir())
     (tmp_path / "labels.csv").write_text("filename,label\n" + "".join(
         f"{name},{'12a4' if i == 3 else name[:4]}\n" for i, name in enumerate(names)))
-    result = run_script("train.py", *settings, f"--set=data.labels={tmp_path / 'labels.csv'}", "--run-dir",
-                        tmp_path / "run")
+    result = run_in_process("train.py", *settings, f"--set=data.labels={tmp_path / 'labels.csv'}", "--run-dir",
+                            tmp_path / "run")
     assert_one_line_error(result, "1 of 11 labels in", "labels.csv", f"{names[3]} '12a4' (characters not in the")
 
 
@@ -124,7 +117,7 @@ def test_wrong_case_labels_point_to_the_case_policy(tmp_path, digits, cache_dir)
 
 
 def test_missing_data_folder_is_one_clear_line(tmp_path):
-    result = run_script("train.py", "--set", f"data.dir={tmp_path / 'nowhere'}", "--set", "model.weights=none")
+    result = run_in_process("train.py", "--set", f"data.dir={tmp_path / 'nowhere'}", "--set", "model.weights=none")
     assert_one_line_error(result, "data folder not found", "nowhere")
 
 
@@ -178,31 +171,6 @@ def test_imagenet_download_failure_falls_back_or_stops(monkeypatch, capsys):
         model.build_model((32, 64), 4, 10, weights="imagenet", weights_strict=True)
 
 
-def test_kill_9_mid_run_then_the_same_command_resumes(tmp_path, digits, cache_dir):
-    """Killed during epoch 2 of 4, the rerun picks up after epoch 1 and finishes with 4 epochs."""
-    small = copy_digits(digits, tmp_path / "small", 48)
-    command = [sys.executable, str(ROOT / "train.py"), "--run-dir", str(tmp_path / "run"),
-               *[arg for o in overrides("train.epochs=4", "train.patience=10", f"data.dir={small}",
-                                        "train.batch_size=8", cache_dir=cache_dir) for arg in ("--set", o)]]
-    history, backup = tmp_path / "run" / "history.csv", tmp_path / "run" / "backup" / "training_metadata.json"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    deadline = time.time() + 240
-    while time.time() < deadline and not (backup.exists() and '"epoch": 1' in backup.read_text()):
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    assert len(history.read_text().splitlines()) == 2, "the kill must land during epoch 2"
-    assert not (tmp_path / "run" / "model.keras").exists()
-
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "resuming" in result.stdout
-    with open(history) as f:
-        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
-    assert epochs == [0, 1, 2, 3]
-    assert (tmp_path / "run" / "model.keras").exists()
-
-
 def test_early_stopping_counts_characters_while_no_captcha_is_read_whole(tmp_path):
     """A small set's first epochs read no captcha whole, yet learn: patience follows the characters
     read until whole reads come, and then the whole reads; the best epoch is the one kept."""
@@ -238,30 +206,49 @@ def colour_coded(folder, count, seed=0):
     return folder
 
 
-def test_inference_reads_training_images_as_fit_does_and_the_recorded_score_is_evaluates(tmp_path, cache_dir):
-    """The guard against BatchNorm statistics that trail the weights: the saved model, in inference
-    mode, reads the training images about as well as fit reported while training on them. And the
-    held-out accuracy train.py records is what evaluate.py reports for the saved model."""
+def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(tmp_path, cache_dir):
+    """Killed with kill -9 during epoch 2 of 4, the rerun picks up after epoch 1 and finishes with 4
+    epochs. Then the guard against BatchNorm statistics that trail the weights: the saved model, in
+    inference mode, reads the training images about as well as fit reported while training on them;
+    and the held-out accuracy train.py recorded is what evaluate.py reports for the saved model.
+    (One run for both: a training run is the suite's costliest step.)"""
     import evaluate
     from predict import Recognizer
 
     folder = colour_coded(tmp_path / "coded", 96)
-    cfg = config.load_config(None, overrides(f"data.dir={folder}", "data.length=2", "train.epochs=4",
-                                             "train.batch_size=8", "train.patience=4", "data.test_fraction=0.25",
-                                             "train.batchnorm_images=64", cache_dir=cache_dir))
-    run_dir = train.train(cfg, tmp_path / "run")
+    run_dir = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train.py"), "--run-dir", str(run_dir),
+               *[arg for o in overrides(f"data.dir={folder}", "data.length=2", "train.epochs=4", "train.batch_size=8",
+                                        "train.min_steps=120", "train.patience=4", "data.test_fraction=0.25",
+                                        "train.batchnorm_images=64", cache_dir=cache_dir) for arg in ("--set", o)]]
+    history, backup = run_dir / "history.csv", run_dir / "backup" / "training_metadata.json"
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (backup.exists() and '"epoch": 1' in backup.read_text()):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert len(history.read_text().splitlines()) == 2, "the kill must land during epoch 2"
+    assert not (run_dir / "model.keras").exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout
+    with open(history) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]
+
     metadata = json.loads((run_dir / "metadata.json").read_text())
-    with open(run_dir / "history.csv") as f:
-        chosen = next(row for row in csv.DictReader(f) if int(row["epoch"]) == metadata["epoch"] - 1)
+    chosen = rows[metadata["epoch"] - 1]
     fit_accuracy = np.mean([float(chosen[f"char_{i}_accuracy"]) for i in (1, 2)])
     assert fit_accuracy > 0.6, "the tiny run must learn its training images (chance: 0.25) for this test to mean anything"
     held_out, _ = data.read_labels_csv(run_dir / "test_split.csv", folder)
     training = [p for p in data.find_images(folder) if p.name not in held_out]
-    readings = Recognizer.load(run_dir).predict(training)
+    recognizer = Recognizer.load(run_dir)
+    readings = recognizer.predict(training)
     inference_accuracy = np.mean([r.text[i] == p.name[i] for r, p in zip(readings, training) for i in (0, 1)])
     assert inference_accuracy > fit_accuracy - 0.1
 
-    recognizer = Recognizer.load(run_dir)
     root, items, _, _ = evaluate.held_out_items(run_dir, None, "sensitive")
     report, _ = evaluate.evaluate(recognizer, items, root)
     assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
@@ -365,72 +352,3 @@ def test_run_dir_or_config_paths_of_the_wrong_kind_are_one_clear_line(tmp_path, 
         train.main(["--config", str(tmp_path), *settings])
     with pytest.raises(config.UserError, match=f"label file {tmp_path} cannot be read: Is a directory"):
         train.main(["--run-dir", str(tmp_path / "run"), *settings, "--set", f"data.labels={tmp_path}"])
-
-
-def test_continuing_a_run_starts_from_its_weights_and_self_trains_on_unlabelled_images(tmp_path, trained_run, digits,
-                                                                                      cache_dir, capsys):
-    """Continued from a finished run on the same data, the first epoch starts where that run ended,
-    below a fresh start's loss. Its unlabelled folder holds new captchas, copies of held-out ones
-    and a bad file: only the new ones are pseudo-labelled, and they are kept in pseudo_labels.csv."""
-    labelled = trained_run.parent / "data" / "synthetic"
-    held_out, _ = data.read_labels_csv(trained_run / "test_split.csv", labelled)
-    unlabelled = copy_digits(digits, tmp_path / "unlabelled", 6)
-    for i, name in enumerate(sorted(held_out)[:3]):
-        (unlabelled / f"copy_{i}.png").write_bytes((labelled / name).read_bytes())
-    (unlabelled / "broken.png").write_bytes(b"")
-    cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
-                                             f"model.weights={trained_run}", f"data.unlabelled={unlabelled}",
-                                             "train.pseudo_label_confidence=0.000001", cache_dir=cache_dir))
-    run_dir = train.train(cfg, tmp_path / "run")
-    printed = capsys.readouterr().out
-    assert "every weight, heads included" in printed and "broken.png (empty file)" in printed
-    assert "3 are held-out or training images already" in printed
-    with open(run_dir / "history.csv") as f:
-        continued = list(csv.DictReader(f))
-    with open(trained_run / "history.csv") as f:
-        fresh = list(csv.DictReader(f))
-    assert len(continued) == 2  # one epoch of training, one of self-training
-    assert float(continued[0]["loss"]) < float(fresh[0]["loss"])
-    metadata = json.loads((run_dir / "metadata.json").read_text())
-    assert metadata["continued_from"] == {"model": str(trained_run / "model.keras"), "heads": "kept"}
-    with open(run_dir / "pseudo_labels.csv") as f:
-        pseudo = list(csv.DictReader(f))
-    assert sorted(row["filename"] for row in pseudo) == sorted(p.name for p in data.find_images(digits)[:6])
-    assert all(row["round"] == "1" and len(row["label"]) == 4 for row in pseudo)
-
-
-def test_only_sure_readings_become_labels_and_never_held_out_ones(tmp_path, monkeypatch):
-    """Pseudo-labels are the readings at or above the threshold; they only ever join the training indices."""
-    confidences = [0.99, 0.5, 0.97, 0.2]  # of four unlabelled images, told apart by their first pixel
-
-    def fake_model(batch):
-        sure = np.sqrt([confidences[int(image[0, 0, 0])] if image[0, 0, 0] < 4 else 1.0 for image in batch])
-        return [np.stack([sure, 1 - sure], axis=1)] * 2  # each position reads "a" with probability sqrt(c)
-
-    monkeypatch.setattr(train, "keras_batch_function", lambda model: fake_model)
-    labelled = np.full((5, 32, 64, 3), 9, np.uint8)
-    dataset = {"images": labelled, "targets": np.ones((5, 2), np.int32), "train": np.array([0, 1, 2]),
-               "test": np.array([3, 4]), "charset": "ab"}
-    unlabelled = {"root": tmp_path, "paths": [tmp_path / f"u{i}.png" for i in range(4)],
-                  "images": np.stack([np.full((32, 64, 3), i, np.uint8) for i in range(4)])}
-    metadata = {"image_size": [32, 64], "charset": "ab", "length": 2}
-    images, targets, indices = train.with_pseudo_labels(None, dataset, unlabelled, metadata, 1, 0.9, tmp_path)
-    assert list(indices) == [0, 1, 2, 5, 7]  # the labelled training images, then unlabelled 0 and 2
-    assert len(images) == 9 and (targets[[5, 7]] == 0).all()  # read "aa"
-    with open(tmp_path / "pseudo_labels.csv") as f:
-        assert [(r["filename"], r["label"]) for r in csv.DictReader(f)] == [("u0.png", "aa"), ("u2.png", "aa")]
-
-
-def test_a_new_charset_keeps_the_backbone_and_starts_new_heads(trained_run):
-    import keras
-
-    keras.mixed_precision.set_global_policy("float32")
-    source, _ = model.load_model(trained_run)
-    target, _ = model.build_model((40, 80), 4, 12, weights="none")  # another input size and charset
-    model.copy_weights(source, target, heads=False)
-    body = [(a, b) for a, b in zip(source.layers, target.layers) if a.weights and not a.name.startswith("char_")]
-    assert body and all(np.array_equal(wa, wb) for a, b in body for wa, wb in zip(a.get_weights(), b.get_weights()))
-    assert target.get_layer("char_1").get_weights()[0].shape[-1] == 12
-    with pytest.raises(config.UserError, match="model.weights: .* was trained with model.backbone=Xception"):
-        train.continued_run({"weights": str(trained_run), "backbone": "ResNet50"})
-    assert train.continued_run({"weights": str(trained_run), "backbone": "Xception"})["charset"] == "0123456789"

@@ -1,0 +1,83 @@
+"""Label fewer captchas: continuing from a finished run, self-training on unlabelled captchas. A file of
+its own, so that pytest-xdist runs its costly run beside test_train.py's."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import config
+import data
+import model
+import train
+from conftest import copy_digits, overrides
+
+
+def test_continuing_a_run_starts_from_its_weights_and_self_trains_on_unlabelled_images(tmp_path, trained_run, digits,
+                                                                                      cache_dir, capsys):
+    """Continued from a finished run on the same data, the first epoch starts where that run ended,
+    below a fresh start's loss. Its unlabelled folder holds new captchas, copies of held-out ones
+    and a bad file: only the new ones are pseudo-labelled, and they are kept in pseudo_labels.csv."""
+    labelled = trained_run.parent / "data" / "synthetic"
+    held_out, _ = data.read_labels_csv(trained_run / "test_split.csv", labelled)
+    unlabelled = copy_digits(digits, tmp_path / "unlabelled", 6)
+    for i, name in enumerate(sorted(held_out)[:3]):
+        (unlabelled / f"copy_{i}.png").write_bytes((labelled / name).read_bytes())
+    (unlabelled / "broken.png").write_bytes(b"")
+    cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
+                                             f"model.weights={trained_run}", f"data.unlabelled={unlabelled}",
+                                             "train.pseudo_label_confidence=0.000001", "model.backbone=Xception",
+                                             "data.max_train_images=32", cache_dir=cache_dir))
+    run_dir = train.train(cfg, tmp_path / "run")
+    printed = capsys.readouterr().out
+    assert "every weight, heads included" in printed and "broken.png (empty file)" in printed
+    assert "3 are held-out or training images already" in printed
+    with open(run_dir / "history.csv") as f:
+        continued = list(csv.DictReader(f))
+    with open(trained_run / "history.csv") as f:
+        fresh = list(csv.DictReader(f))
+    assert len(continued) == 2  # one epoch of training, one of self-training
+    assert float(continued[0]["loss"]) < float(fresh[0]["loss"])
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["continued_from"] == {"model": str(trained_run / "model.keras"), "heads": "kept"}
+    with open(run_dir / "pseudo_labels.csv") as f:
+        pseudo = list(csv.DictReader(f))
+    assert sorted(row["filename"] for row in pseudo) == sorted(p.name for p in data.find_images(digits)[:6])
+    assert all(row["round"] == "1" and len(row["label"]) == 4 for row in pseudo)
+
+
+def test_only_sure_readings_become_labels_and_never_held_out_ones(tmp_path, monkeypatch):
+    """Pseudo-labels are the readings at or above the threshold; they only ever join the training indices."""
+    confidences = [0.99, 0.5, 0.97, 0.2]  # of four unlabelled images, told apart by their first pixel
+
+    def fake_model(batch):
+        sure = np.sqrt([confidences[int(image[0, 0, 0])] if image[0, 0, 0] < 4 else 1.0 for image in batch])
+        return [np.stack([sure, 1 - sure], axis=1)] * 2  # each position reads "a" with probability sqrt(c)
+
+    monkeypatch.setattr(train, "keras_batch_function", lambda model: fake_model)
+    labelled = np.full((5, 32, 64, 3), 9, np.uint8)
+    dataset = {"images": labelled, "targets": np.ones((5, 2), np.int32), "train": np.array([0, 1, 2]),
+               "test": np.array([3, 4]), "charset": "ab"}
+    unlabelled = {"root": tmp_path, "paths": [tmp_path / f"u{i}.png" for i in range(4)],
+                  "images": np.stack([np.full((32, 64, 3), i, np.uint8) for i in range(4)])}
+    metadata = {"image_size": [32, 64], "charset": "ab", "length": 2}
+    images, targets, indices = train.with_pseudo_labels(None, dataset, unlabelled, metadata, 1, 0.9, tmp_path)
+    assert list(indices) == [0, 1, 2, 5, 7]  # the labelled training images, then unlabelled 0 and 2
+    assert len(images) == 9 and (targets[[5, 7]] == 0).all()  # read "aa"
+    with open(tmp_path / "pseudo_labels.csv") as f:
+        assert [(r["filename"], r["label"]) for r in csv.DictReader(f)] == [("u0.png", "aa"), ("u2.png", "aa")]
+
+
+def test_a_new_charset_keeps_the_backbone_and_starts_new_heads(trained_run):
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    source, _ = model.load_model(trained_run)
+    target, _ = model.build_model((40, 80), 4, 12, weights="none")  # another input size and charset
+    model.copy_weights(source, target, heads=False)
+    body = [(a, b) for a, b in zip(source.layers, target.layers) if a.weights and not a.name.startswith("char_")]
+    assert body and all(np.array_equal(wa, wb) for a, b in body for wa, wb in zip(a.get_weights(), b.get_weights()))
+    assert target.get_layer("char_1").get_weights()[0].shape[-1] == 12
+    with pytest.raises(config.UserError, match="model.weights: .* was trained with model.backbone=Xception"):
+        train.continued_run({"weights": str(trained_run), "backbone": "ResNet50"})
+    assert train.continued_run({"weights": str(trained_run), "backbone": "Xception"})["charset"] == "0123456789"
