@@ -240,14 +240,16 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
 
     metadata = json.loads((run_dir / "metadata.json").read_text())
     chosen = rows[metadata["epoch"] - 1]
-    fit_accuracy = np.mean([float(chosen[f"char_{i}_accuracy"]) for i in (1, 2)])
-    assert fit_accuracy > 0.6, "the tiny run must learn its training images (chance: 0.25) for this test to mean anything"
+    best_fit_accuracy = max(np.mean([float(row[f"char_{i}_accuracy"]) for i in (1, 2)]) for row in rows)
+    assert best_fit_accuracy > 0.6, "the tiny run must learn its training images (chance: 0.25) for this test to mean anything"
     held_out, _ = data.read_labels_csv(run_dir / "test_split.csv", folder)
     training = [p for p in data.find_images(folder) if p.name not in held_out]
     recognizer = Recognizer.load(run_dir)
     readings = recognizer.predict(training)
     inference_accuracy = np.mean([r.text[i] == p.name[i] for r, p in zip(readings, training) for i in (0, 1)])
-    assert inference_accuracy > fit_accuracy - 0.1
+    # Statistics that trail the weights fail here twice over: the saved model misreads, and the
+    # held-out scores that chose its epoch were misreadings too.
+    assert inference_accuracy > best_fit_accuracy - 0.15
 
     root, items, _, _ = evaluate.held_out_items(run_dir, None, "sensitive")
     report, _ = evaluate.evaluate(recognizer, items, root)
