@@ -249,6 +249,20 @@ def is_inside(root, name):
     return os.path.commonpath([root, os.path.abspath(os.path.join(root, name))]) == root
 
 
+def image_files(root):
+    """find_images(root); UserError when there are none."""
+    files = find_images(root)
+    if not files:
+        raise UserError(f"no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}) in {root}")
+    return files
+
+
+def unreadable_note(failures, paths, root):
+    """load_images' failures -> a note naming the first few."""
+    first = "; ".join(f"{shown_path(paths[i], root)} ({why})" for i, why in list(failures.items())[:3])
+    return f"{len(failures)} unreadable images skipped: {first}"
+
+
 def labelled_files(root, labels_csv, pattern, case, lengths, charset, allow_outside=False):
     """-> ([(path, label)], notes). lengths: (shortest, longest). Labels are normalised but not yet validated."""
     root = Path(root)
@@ -260,9 +274,7 @@ def labelled_files(root, labels_csv, pattern, case, lengths, charset, allow_outs
         if not items:
             raise UserError(f"{labels_csv} names no image in {root}")
         return items, notes
-    files = find_images(root)
-    if not files:
-        raise UserError(f"no images (jpg, jpeg, png, gif, bmp, webp) in {root}")
+    files = image_files(root)
 
     def fits(label):
         label = normalise_label(label, case)

@@ -103,8 +103,12 @@ def evaluate(recognizer, items, root):
         print(f"note: {len(unscorable)} labels do not fit the model and are not scored: "
               f"{data.describe(unscorable, root)}", file=sys.stderr)
     skipped = [(str(p), label, f"unscorable label: {why}") for p, label, why in unscorable]
-    skipped += [(str(p), label, "missing file") for p, label in scorable if not Path(p).is_file()]
-    labels = {str(p): label for p, label in scorable if Path(p).is_file()}
+    labels = {}
+    for p, label in scorable:  # a file missing from disk is counted as skipped
+        if Path(p).is_file():
+            labels[str(p)] = label
+        else:
+            skipped.append((str(p), label, "missing file"))
     readings = {}
     for path, reading, error in read_files(recognizer, list(labels), desc="scoring"):
         if error:

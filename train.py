@@ -375,7 +375,7 @@ def prepare_data(cfg, charset_hint=None):
     if len({digests[i] for i in valid}) < 2:
         raise UserError(f"{root}: all {len(valid)} readable images are identical; at least two different ones are "
                         f"needed, one to train on and one to hold out")
-    targets = data.encode([label for _, label in good], charset, lengths[1])
+    targets = data.encode(labels, charset, lengths[1])
     train_idx, test_idx = data.split_train_test([digests[i] for i in valid], d["test_fraction"], d["seed"],
                                                 [len(good[i][1]) for i in valid])
     train_idx, test_idx = valid[train_idx], valid[test_idx]
@@ -397,8 +397,7 @@ def prepare_data(cfg, charset_hint=None):
                 print(f"  warning: only {counts[n]} images of length {n} ({held_out[n]} held out): too few to learn "
                       f"that length, or to score it")
     if failures:
-        first = "; ".join(f"{data.shown_path(paths[i], root)} ({why})" for i, why in list(failures.items())[:3])
-        notes.append(f"{len(failures)} unreadable images skipped: {first}")
+        notes.append(data.unreadable_note(failures, paths, root))
     groups = {}
     for i in valid:
         groups.setdefault(digests[i], []).append(i)
@@ -427,16 +426,16 @@ def read_unlabelled(cfg, dataset):
     root = Path(d["unlabelled"])
     if not root.is_dir():
         raise UserError(f"data.unlabelled: folder not found: {root}")
-    paths = data.find_images(root)
-    if not paths:
-        raise UserError(f"data.unlabelled: no images (jpg, jpeg, png, gif, bmp, webp) in {root}")
+    try:
+        paths = data.image_files(root)
+    except UserError as e:
+        raise UserError(f"data.unlabelled: {e}") from None
     images, digests, failures = data.load_images(paths, d["image_size"], d["cache_dir"], desc=f"decoding {root}")
     labelled = {dataset["digests"][i] for i in (*dataset["train"], *dataset["test"])}
     keep = [i for i in range(len(paths)) if i not in failures and digests[i] not in labelled]
     print(f"unlabelled: {len(keep)} images from {root} for self-training")
     if failures:
-        first = "; ".join(f"{data.shown_path(paths[i], root)} ({why})" for i, why in list(failures.items())[:3])
-        print(f"  note: {len(failures)} unreadable images skipped: {first}")
+        print(f"  note: {data.unreadable_note(failures, paths, root)}")
     if len(paths) - len(failures) > len(keep):
         print(f"  note: {len(paths) - len(failures) - len(keep)} are held-out or training images already, skipped")
     return {"root": root, "paths": [paths[i] for i in keep], "images": images[keep]}
