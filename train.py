@@ -115,9 +115,9 @@ def distort(pixels, rng, shift=0.0, rotate=0.0, scale=0.0, warp=0.0, blur=0.0, n
                                         fillcolor=fill)
         if blur:
             picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0, blur)))
-        image = np.asarray(picture, dtype=np.float32)
+        image = np.array(picture, dtype=np.float32)
         if noise:
-            image = image + rng.normal(0, rng.uniform(0, noise) * 255, image.shape)
+            image += rng.standard_normal(image.shape, dtype=np.float32) * (rng.uniform(0, noise) * 255)
         out[k] = np.clip(image, 0, 255)
     return out
 
@@ -563,7 +563,9 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     sample = np.random.default_rng(d["seed"]).permutation(dataset["train"])[:t["batchnorm_images"]]
     held_out = HeldOutAccuracy(dataset["images"], dataset["test"], dataset["targets"], shape,
                                dataset["images"][np.sort(sample)], batch_size)
-    tensorboard = importlib.util.find_spec("tensorboard") is not None  # absent where the backend is not TensorFlow
+    # Keras's TensorBoard callback writes through tf.summary: a JAX or PyTorch machine may have
+    # tensorboard without TensorFlow.
+    tensorboard = importlib.util.find_spec("tensorflow") is not None
     rounds = t["self_training_rounds"] if unlabelled else 0
     progress_path = run_dir / "rounds.json"  # rounds completed, and the epochs they ran
     progress = (json.loads(progress_path.read_text()) if progress_path.exists()
@@ -581,7 +583,8 @@ def train(cfg, run_dir=None, extra_callbacks=()):
         # times, however small the set.
         steps = max(1, len(train_indices) // batch_size, math.ceil(t["min_steps"] / t["epochs"]))
         batches = Batches(images, train_indices, targets, classes, batch_size, d["seed"] + round_, steps,
-                          (process, processes) if feeds_share else (0, 1), augmentation(t), workers=2)
+                          (process, processes) if feeds_share else (0, 1), augmentation(t),
+                          workers=min(8, os.cpu_count() or 1))  # distortion, in threads, can outrun a GPU's steps
         with scope():
             schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=t["epochs"] * steps)
             optimizer = (keras.optimizers.AdamW(schedule, weight_decay=t["weight_decay"]) if t["weight_decay"]

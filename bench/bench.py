@@ -1,7 +1,8 @@
 """Benchmark on real captchas against the pretrained OCR ddddocr: accuracy, training and prediction speed.
 
     python bench/bench.py [--mode cpu|gpu] [--sets henan_4digit lzu_5digit synthetic mixed_4_5digit synthetic_4to6]
-                          [--shared ../shared/data] [--out bench/results]
+                          [--shared ../shared/data] [--out bench/results] [--set KEY=VALUE ...]
+                          [--exports onnx tflite]
 
 For each set it trains with train.py on the train split, scores the held-out split with
 evaluate.py, reads the same held-out images with ddddocr (case-insensitively), and times
@@ -223,7 +224,7 @@ def label_noise(run_dir, out, published, clean):
             "false_flags": len(flagged - wrong)}
 
 
-def bench_set(name, spec, shared, out, mode):
+def bench_set(name, spec, shared, out, mode, settings=(), exports=("onnx", "tflite")):
     out.mkdir(parents=True, exist_ok=True)
     if "synth" in spec:
         spec["data_dir"] = out / "images"
@@ -237,7 +238,7 @@ def bench_set(name, spec, shared, out, mode):
         spec["labels"], spec["labels_clean"] = out / "labels.csv", out / "labels_clean.csv"
     else:
         spec["data_dir"], folder = shared / spec["dir"], shared / spec["folder"]
-    result = {"set": name, **stage(out / "train.json", lambda: train(spec, shared, out, mode))}
+    result = {"set": name, **stage(out / "train.json", lambda: train(spec, shared, out, mode, *settings))}
     run_dir = out / "run"
     clean = shared / spec["labels_clean"] if spec.get("labels_clean") else None
     result["ours"] = stage(out / "ours.json", lambda: evaluate(run_dir, out, clean))
@@ -250,7 +251,7 @@ def bench_set(name, spec, shared, out, mode):
         result["label_noise"] = stage(out / "label_noise.json", lambda: label_noise(
             run_dir, out, shared / spec["labels"], clean))
     models = {"keras": run_dir}
-    for form in ("onnx", "tflite"):
+    for form in exports:
         models[form] = run_dir / "export" / f"model.{form}"
         result[f"export_{form}"] = stage(out / f"export_{form}.json", lambda: {"seconds": round(python(
             "export.py", "--model", run_dir, "--format", form, log=out / f"export_{form}.log"), 1)})
@@ -298,9 +299,14 @@ def main():
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a train.py setting for every set, e.g. model.weights=none where nothing can be downloaded")
+    parser.add_argument("--exports", nargs="*", choices=("onnx", "tflite"), default=["onnx", "tflite"],
+                        help="the exports to time beside the Keras model (both need TensorFlow)")
     args = parser.parse_args()
     out = args.out / args.mode
-    results = [bench_set(name, dict(SETS[name]), args.shared.resolve(), out / name, args.mode) for name in args.sets]
+    results = [bench_set(name, dict(SETS[name]), args.shared.resolve(), out / name, args.mode, args.set, args.exports)
+               for name in args.sets]
     summary = table(results)
     print(summary)
     data.write_atomically(out / "results.json", json.dumps({"results": results}, indent=2))

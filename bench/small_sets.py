@@ -2,7 +2,7 @@
 precise BatchNorm statistics and the other small-set defaults, against ddddocr.
 
     python bench/small_sets.py [--sets standin_4x20 standin_5x19] [--variants before after]
-                               [--out bench/results]
+                               [--out bench/results] [--set KEY=VALUE ...]
 
 The sets stand in for the small, hard sets users bring (1,000-2,000 labelled captchas), drawn by
 data.py synth: 1,781 captchas of 4 characters from a 20-character lowercase-and-digit charset at
@@ -46,11 +46,11 @@ def images(name, out):
     return folder
 
 
-def train(name, variant, folder, out):
+def train(name, variant, folder, out, extra=()):
     spec, run_dir = STANDINS[name], out / "run"
     settings = ["--config", ROOT / "bench" / "cpu.yaml", "--set", f"data.dir={folder}", "--set",
                 f"data.length={spec['length']}", "--set", f"train.epochs={spec['epochs']}", "--set",
-                f"train.patience={spec['epochs']}", *[a for s in VARIANTS[variant] for a in ("--set", s)]]
+                f"train.patience={spec['epochs']}", *[a for s in (*VARIANTS[variant], *extra) for a in ("--set", s)]]
     if variant == "before":
         seconds = python("bench/bn_lag.py", "--name", "three_ways", "--run-dir", run_dir,
                          *[a for a in settings[2:]], log=out / "train.log")
@@ -83,7 +83,7 @@ def plot(results, path):
                                                           for p in r["curve"]], marker=".", label=r["variant"])
         ddddocr = next(r["ddddocr"] for r in results if r["set"] == name)
         axis.axhline(100 * ddddocr["whole_string_accuracy"], linestyle="--", color="grey", label="ddddocr")
-        axis.set(title=name, xlabel="training minutes (2-core CPU)", ylabel="held-out whole-string %", ylim=(0, 100))
+        axis.set(title=name, xlabel="training minutes", ylabel="held-out whole-string %", ylim=(0, 100))
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=80)
@@ -94,6 +94,8 @@ def main():
     parser.add_argument("--sets", nargs="+", choices=list(STANDINS), default=list(STANDINS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a train.py setting for every run, after the variant's")
     args = parser.parse_args()
     out, results = args.out / "cpu" / "small_sets", []
     for name in args.sets:
@@ -102,7 +104,8 @@ def main():
             where = out / name / variant
             where.mkdir(parents=True, exist_ok=True)
             result = {"set": name, "variant": variant, **stage(where / "train.json",
-                                                               lambda: train(name, variant, folder, where))}
+                                                               lambda: train(name, variant, folder, where,
+                                                                                    args.set))}
             result["ours"] = stage(where / "ours.json", lambda: evaluate(where / "run", where))
             result["evaluate_agrees"] = result["ours"]["whole_string_accuracy"] == result["recorded_held_out_accuracy"]
             result["ddddocr"] = stage(out / name / "ddddocr.json", lambda: ddddocr_accuracy(where / "run"))
