@@ -26,4 +26,4 @@ timeout "${SYNTHETIC_SECONDS:-480}" python3 bench/bench.py --mode gpu --sets syn
 wait
 nvidia-smi >> "$results/device.txt" 2>&1
 tar -C "$results" -czf "$OUT/results.tgz" --exclude images --exclude images.partial --exclude '*.keras' \
-  --exclude backup --exclude export --exclude '*.npy' .
+  --exclude backup --exclude export --exclude "*.npy" --exclude "*.h5" --exclude "*.weights*" .
