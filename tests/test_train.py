@@ -217,12 +217,13 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
 
     folder = colour_coded(tmp_path / "coded", 96)
     run_dir = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "train.py"), "--run-dir", str(run_dir),
-               *[arg for o in overrides(f"data.dir={folder}", "data.length=2", "train.epochs=4", "train.batch_size=8",
-                                        "train.min_steps=120", "train.patience=4", "data.test_fraction=0.25",
-                                        "train.batchnorm_images=64", cache_dir=cache_dir) for arg in ("--set", o)]]
+    arguments = ["--run-dir", str(run_dir),
+                 *[arg for o in overrides(f"data.dir={folder}", "data.length=2", "train.epochs=4", "train.batch_size=8",
+                                          "train.min_steps=120", "train.patience=4", "data.test_fraction=0.25",
+                                          "train.batchnorm_images=64", cache_dir=cache_dir) for arg in ("--set", o)]]
     history, backup = run_dir / "history.csv", run_dir / "backup" / "training_metadata.json"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *arguments], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 240
     while time.time() < deadline and not (backup.exists() and '"epoch": 1' in backup.read_text()):
         time.sleep(0.05)
@@ -231,7 +232,7 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
     assert len(history.read_text().splitlines()) == 2, "the kill must land during epoch 2"
     assert not (run_dir / "model.keras").exists()
 
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    result = run_in_process("train.py", *arguments)  # the same command line, without a second start-up
     assert result.returncode == 0, result.stderr
     assert "resuming" in result.stdout
     with open(history) as f:
