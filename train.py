@@ -12,6 +12,7 @@ import datetime
 import fcntl
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -85,41 +86,44 @@ class Batches(keras.utils.PyDataset):
 def distort(pixels, rng, shift=0.0, rotate=0.0, scale=0.0, warp=0.0, blur=0.0, noise=0.0):
     """Random changes of the kind one site's captchas differ by: each image is moved by up to
     `shift` of its size, turned by up to `rotate` degrees, scaled by up to `scale`, warped by moving
-    the corners of a 2x4 mesh by up to `warp` of a cell, blurred with a radius up to `blur` pixels,
-    and given Gaussian noise of up to `noise` x 255. Uncovered pixels take the border's colour."""
-    height, width = pixels.shape[1:3]
-    out = np.empty_like(pixels)
+    the inner corners of a 2x4 mesh by up to `warp` of a cell, blurred with a radius up to `blur`
+    pixels, and given Gaussian noise of up to `noise` x 255. Uncovered pixels take the border's colour.
+    Pillow holds the GIL in its transforms, so the batch's threads share one core: one transform an
+    image, and the rest done for the whole batch at once."""
+    count, height, width = pixels.shape[:3]
+    border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], axis=1)
+    fills = np.median(border, axis=1).astype(int).tolist()
+    rows, cols = 2, 4
+    grid_x = np.linspace(0, width, cols + 1)[None, :].repeat(rows + 1, 0)
+    grid_y = np.linspace(0, height, rows + 1)[:, None].repeat(cols + 1, 1)
+    boxes = [(round(grid_x[0, c]), round(grid_y[r, 0]), round(grid_x[0, c + 1]), round(grid_y[r + 1, 0]))
+             for r in range(rows) for c in range(cols)]
+    inner = (slice(1, -1), slice(1, -1))  # the outline stays, so nothing leaves the frame
+    out = np.empty(pixels.shape, np.float32)
     for k, image in enumerate(pixels):
-        border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]])
-        fill = tuple(int(v) for v in np.median(border, axis=0))
-        picture = Image.fromarray(image)
         angle, zoom = np.radians(rng.uniform(-rotate, rotate)), 1 + rng.uniform(-scale, scale)
         dx, dy = rng.uniform(-shift, shift) * width, rng.uniform(-shift, shift) * height
-        # Image.transform maps each output pixel back to the input: the inverse of turn, zoom, move.
-        cos, sin, cx, cy = np.cos(angle) / zoom, np.sin(angle) / zoom, width / 2, height / 2
-        picture = picture.transform((width, height), Image.Transform.AFFINE,
-                                    (cos, sin, cx - cos * (cx + dx) - sin * (cy + dy),
-                                     -sin, cos, cy + sin * (cx + dx) - cos * (cy + dy)),
-                                    Image.Resampling.BILINEAR, fillcolor=fill)
+        x, y = grid_x.copy(), grid_y.copy()
         if warp:
-            rows, cols = 2, 4
-            xs = np.linspace(0, width, cols + 1)[None, :].repeat(rows + 1, 0)
-            ys = np.linspace(0, height, rows + 1)[:, None].repeat(cols + 1, 1)
-            inner = (slice(1, -1), slice(1, -1))  # the outline stays, so nothing leaves the frame
-            xs[inner] += rng.uniform(-warp, warp, xs[inner].shape) * width / cols
-            ys[inner] += rng.uniform(-warp, warp, ys[inner].shape) * height / rows
-            mesh = [((round(xs[0, c]), round(ys[r, 0]), round(xs[0, c + 1]), round(ys[r + 1, 0])),
-                     (xs[r, c], ys[r, c], xs[r + 1, c], ys[r + 1, c], xs[r + 1, c + 1], ys[r + 1, c + 1],
-                      xs[r, c + 1], ys[r, c + 1])) for r in range(rows) for c in range(cols)]
-            picture = picture.transform((width, height), Image.Transform.MESH, mesh, Image.Resampling.BILINEAR,
-                                        fillcolor=fill)
+            x[inner] += rng.uniform(-warp, warp, x[inner].shape) * width / cols
+            y[inner] += rng.uniform(-warp, warp, y[inner].shape) * height / rows
+        # Each mesh cell of the output reads the quadrilateral that its warped corners come from
+        # under the inverse of turn, zoom and move: the two in one resampling.
+        cos, sin, cx, cy = np.cos(angle) / zoom, np.sin(angle) / zoom, width / 2, height / 2
+        source_x = cos * (x - cx - dx) + sin * (y - cy - dy) + cx
+        source_y = -sin * (x - cx - dx) + cos * (y - cy - dy) + cy
+        corners = np.stack([source_x, source_y], axis=-1).tolist()
+        mesh = [(box, (*corners[r][c], *corners[r + 1][c], *corners[r + 1][c + 1], *corners[r][c + 1]))
+                for box, (r, c) in zip(boxes, itertools.product(range(rows), range(cols)))]
+        picture = Image.fromarray(image).transform((width, height), Image.Transform.MESH, mesh,
+                                                   Image.Resampling.BILINEAR, fillcolor=tuple(fills[k]))
         if blur:
             picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0, blur)))
-        image = np.array(picture, dtype=np.float32)
-        if noise:
-            image += rng.standard_normal(image.shape, dtype=np.float32) * (rng.uniform(0, noise) * 255)
-        out[k] = np.clip(image, 0, 255)
-    return out
+        out[k] = picture
+    if noise:
+        out += rng.standard_normal(out.shape, dtype=np.float32) * (
+            rng.uniform(0, noise, (count, 1, 1, 1)).astype(np.float32) * 255)
+    return np.clip(out, 0, 255).astype(pixels.dtype)
 
 
 class HeldOutAccuracy(keras.callbacks.Callback):

@@ -206,6 +206,24 @@ def colour_coded(folder, count, seed=0):
     return folder
 
 
+def test_distortions_move_the_picture_within_its_frame_and_fill_from_its_border():
+    """The same generator gives the same batch (a resumed run sees the epoch it lost); nothing off
+    leaves the image as it was; a shift moves it by no more than asked; uncovered pixels take the
+    border's grey, never black."""
+    pictures = np.full((16, 32, 64, 3), 90, np.uint8)
+    pictures[:, 10:22, 24:40] = 250  # a bright block on a grey ground
+    settings = {"shift": 0.1, "rotate": 10.0, "scale": 0.1, "warp": 0.3, "blur": 0.8, "noise": 0.03}
+    first, again = (train.distort(pictures, np.random.default_rng(7), **settings) for _ in range(2))
+    assert first.dtype == np.uint8 and first.shape == pictures.shape and np.array_equal(first, again)
+    assert np.array_equal(train.distort(pictures, np.random.default_rng(7)), pictures)
+    moved = train.distort(pictures, np.random.default_rng(7), shift=0.1)
+    columns = [np.flatnonzero(image[16, :, 0] > 170) for image in moved]
+    offsets = np.array([(c.min() + c.max()) / 2 - 31.5 for c in columns])
+    assert np.all(np.abs(offsets) <= 0.1 * 64 + 1) and np.count_nonzero(offsets) > 8
+    turned = train.distort(pictures, np.random.default_rng(7), rotate=10.0, scale=0.1, warp=0.3)
+    assert turned.min() >= 89  # bilinear blends of grey and white only: no black corners
+
+
 def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(tmp_path, cache_dir):
     """Killed with kill -9 during epoch 2 of 4, the rerun picks up after epoch 1 and finishes with 4
     epochs. Then the guard against BatchNorm statistics that trail the weights: the saved model, in
