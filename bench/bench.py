@@ -95,7 +95,7 @@ def timing_model(shared, out):
     spec = dict(SETS["henan_4digit"], data_dir=shared / "henan_4digit")
     out.mkdir(parents=True, exist_ok=True)
     stage(out / "train.json", lambda: train(spec, shared, out, "cpu", "data.max_train_images=64", "train.epochs=1",
-                                                    "train.min_steps=0"))
+                                            "train.min_steps=0"))
     stage(out / "export_onnx.json", lambda: {"seconds": round(python(
         "export.py", "--model", out / "run", "--format", "onnx", log=out / "export_onnx.log"), 1)})
     return out / "run", out / "run" / "export" / "model.onnx"
