@@ -89,13 +89,14 @@ def train(spec, shared, out, mode, *settings):
             "epoch_chosen": metadata["epoch"], "train_images_per_second": round(trained * epochs / seconds, 1)}
 
 
-def timing_model(shared, out):
+def timing_model(shared, out, settings=()):
     """-> (run directory, its ONNX export): a model at the default 50x120 input to time reading with,
-    trained one epoch (two steps) on 64 henan_4digit captchas, as speed does not depend on the weights."""
+    trained one epoch (two steps) on 64 henan_4digit captchas, as speed does not depend on the weights;
+    settings: train.py's, e.g. another model.backbone."""
     spec = dict(SETS["henan_4digit"], data_dir=shared / "henan_4digit")
     out.mkdir(parents=True, exist_ok=True)
     stage(out / "train.json", lambda: train(spec, shared, out, "cpu", "data.max_train_images=64", "train.epochs=1",
-                                            "train.min_steps=0"))
+                                            "train.min_steps=0", *settings))
     stage(out / "export_onnx.json", lambda: {"seconds": round(python(
         "export.py", "--model", out / "run", "--format", "onnx", log=out / "export_onnx.log"), 1)})
     return out / "run", out / "run" / "export" / "model.onnx"

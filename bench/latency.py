@@ -1,6 +1,7 @@
 """One captcha at a time: Recognizer.predict([one image]) against ddddocr.classification, in one process.
 
     python bench/latency.py [--shared ../shared/data] [--images 40] [--rounds 5] [--out bench/results]
+                            [--set KEY=VALUE ...]
 
 The calls are interleaved on the same real henan_4digit captchas (JPEG bytes, decoding included),
 in an order that rotates, so that a busy machine slows each alike: compare the ratios. Then the
@@ -100,9 +101,11 @@ def main():
     parser.add_argument("--images", type=int, default=40, help="captchas timed one at a time")
     parser.add_argument("--rounds", type=int, default=5, help="times each captcha is read by each reader")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a train.py setting for the timed model, e.g. model.backbone=MobileNet")
     args = parser.parse_args()
     shared = args.shared.resolve()
-    run_dir, onnx = timing_model(shared, args.out / "timing")
+    run_dir, onnx = timing_model(shared, args.out / "timing", args.set)
     paths = data.find_images(shared / "henan_4digit" / "OCR_Dataset")
     images = [path.read_bytes() for path in paths[:max(args.images, FOLDER_IMAGES)]]
     one, many = readers(run_dir, onnx)

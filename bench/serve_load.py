@@ -1,7 +1,7 @@
 """Serving under load: serve.py against ddddocr's own server, on loopback, from one load generator.
 
     python bench/serve_load.py [--clients 1 8 32] [--requests 160] [--rounds 3] [--shared ../shared/data]
-                               [--out bench/results]
+                               [--out bench/results] [--set KEY=VALUE ...]
 
 Starts serve.py with the timing model (Keras, and its ONNX export; see bench/latency.py) and ddddocr's
 own server (bench/ddddocr_server.py: `python -m ddddocr api`, whose every OCR request fails as 1.6.1
@@ -164,9 +164,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a train.py setting for the timed model, e.g. model.backbone=MobileNet")
     args = parser.parse_args()
     shared = args.shared.resolve()
-    run_dir, onnx = timing_model(shared, args.out / "timing")
+    run_dir, onnx = timing_model(shared, args.out / "timing", args.set)
     paths = data.find_images(shared / "henan_4digit" / "OCR_Dataset")[:IMAGES]
     bodies = [json.dumps({"image": base64.b64encode(path.read_bytes()).decode()}) for path in paths]
     out = args.out / "serve"
