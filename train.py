@@ -12,7 +12,6 @@ import datetime
 import fcntl
 import hashlib
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -96,8 +95,9 @@ def distort(pixels, rng, shift=0.0, rotate=0.0, scale=0.0, warp=0.0, blur=0.0, n
     rows, cols = 2, 4
     grid_x = np.linspace(0, width, cols + 1)[None, :].repeat(rows + 1, 0)
     grid_y = np.linspace(0, height, rows + 1)[:, None].repeat(cols + 1, 1)
+    cells = [(r, c) for r in range(rows) for c in range(cols)]
     boxes = [(round(grid_x[0, c]), round(grid_y[r, 0]), round(grid_x[0, c + 1]), round(grid_y[r + 1, 0]))
-             for r in range(rows) for c in range(cols)]
+             for r, c in cells]
     inner = (slice(1, -1), slice(1, -1))  # the outline stays, so nothing leaves the frame
     out = np.empty(pixels.shape, np.float32)
     for k, image in enumerate(pixels):
@@ -114,7 +114,7 @@ def distort(pixels, rng, shift=0.0, rotate=0.0, scale=0.0, warp=0.0, blur=0.0, n
         source_y = -sin * (x - cx - dx) + cos * (y - cy - dy) + cy
         corners = np.stack([source_x, source_y], axis=-1).tolist()
         mesh = [(box, (*corners[r][c], *corners[r + 1][c], *corners[r + 1][c + 1], *corners[r][c + 1]))
-                for box, (r, c) in zip(boxes, itertools.product(range(rows), range(cols)))]
+                for box, (r, c) in zip(boxes, cells)]
         picture = Image.fromarray(image).transform((width, height), Image.Transform.MESH, mesh,
                                                    Image.Resampling.BILINEAR, fillcolor=tuple(fills[k]))
         if blur:
@@ -588,7 +588,7 @@ def train(cfg, run_dir=None, extra_callbacks=()):
         steps = max(1, len(train_indices) // batch_size, math.ceil(t["min_steps"] / t["epochs"]))
         batches = Batches(images, train_indices, targets, classes, batch_size, d["seed"] + round_, steps,
                           (process, processes) if feeds_share else (0, 1), augmentation(t),
-                          workers=min(8, os.cpu_count() or 1))  # distortion, in threads, can outrun a GPU's steps
+                          workers=min(8, os.cpu_count() or 1))  # threads: Pillow's blur and numpy run in parallel
         with scope():
             schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=t["epochs"] * steps)
             optimizer = (keras.optimizers.AdamW(schedule, weight_decay=t["weight_decay"]) if t["weight_decay"]

@@ -16,11 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+from bench import held_out  # noqa: E402
 
 
 def chromium(downloads):
@@ -46,11 +45,9 @@ def main():
     report = json.loads(subprocess.run(
         [sys.executable, str(ROOT / "evaluate.py"), "--model", str(args.model), "--labels", str(args.labels),
          "--html", str(page), "--json", "--overwrite"], capture_output=True, text=True, check=True).stdout)
-    root = Path(yaml.safe_load((args.model / "config.yaml").read_text())["data"]["dir"])
-    published, _ = data.read_labels_csv(args.labels, root)
-    clean, _ = data.read_labels_csv(args.clean, root)
-    held_out, _ = data.read_labels_csv(args.model / "test_split.csv", root)
-    wrong = {name for name in held_out if published[name] != clean[name]}
+    root, published = held_out(args.model, args.labels)
+    _, clean = held_out(args.model, args.clean)
+    wrong = {name for name in published if published[name] != clean[name]}
 
     downloads.mkdir(exist_ok=True)
     (downloads / "labels.csv").unlink(missing_ok=True)
@@ -79,14 +76,14 @@ def main():
     shutil.copy(downloads / "labels.csv", args.out / "labels.csv")
     downloaded, _ = data.read_labels_csv(args.out / "labels.csv", root)
     summary = {
-        "held_out": len(held_out), "whole_string_accuracy_against_published": report["whole_string_accuracy"],
-        "held_out_wrong_published_labels": len(wrong), "cards": report["count"] - report["correct"],
+        "held_out": len(published), "whole_string_accuracy_against_published": report["whole_string_accuracy"],
+        "held_out_wrong_published_labels": len(wrong), "cards": report["errors"],
         "suspected_cards": len(flagged), "suspected_and_wrong": len(set(flagged) & wrong),
         "suspected_but_right": len(set(flagged) - wrong), "wrong_not_suspected": len(wrong - set(flagged)),
         "downloaded_rows": len(downloaded),
         "held_out_disagreeing_with_clean": {"published": len(wrong),
-                                            "downloaded": sum(downloaded[n] != clean[n] for n in held_out)},
-        "rows_changed_by_download": sorted(n for n in downloaded if downloaded[n] != published.get(n)),
+                                            "downloaded": sum(downloaded[n] != clean[n] for n in published)},
+        "rows_changed_by_download": sorted(n for n in downloaded if downloaded[n] != published[n]),
     }
     data.write_atomically(args.out / "summary.json", json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

@@ -103,9 +103,8 @@ def main():
         for variant in args.variants:
             where = out / name / variant
             where.mkdir(parents=True, exist_ok=True)
-            result = {"set": name, "variant": variant, **stage(where / "train.json",
-                                                               lambda: train(name, variant, folder, where,
-                                                                                    args.set))}
+            result = {"set": name, "variant": variant, **stage(
+                where / "train.json", lambda: train(name, variant, folder, where, args.set))}
             result["ours"] = stage(where / "ours.json", lambda: evaluate(where / "run", where))
             result["evaluate_agrees"] = result["ours"]["whole_string_accuracy"] == result["recorded_held_out_accuracy"]
             result["ddddocr"] = stage(out / name / "ddddocr.json", lambda: ddddocr_accuracy(where / "run"))

@@ -38,7 +38,6 @@ def copy_digits(digits, folder, count, start=0):
     return folder
 
 
-
 def run_script(script, *args, env=None, cwd=None, timeout=300):
     """Runs one of the project's scripts as a user would; -> CompletedProcess with text output."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
