@@ -306,7 +306,7 @@ def main():
     parser.add_argument("--exports", nargs="*", choices=("onnx", "tflite"), default=["onnx", "tflite"],
                         help="the exports to time beside the Keras model (both need TensorFlow)")
     args = parser.parse_args()
-    out = args.out / args.mode
+    out = args.out.resolve() / args.mode  # absolute: a pooled set's labels are joined onto --shared
     results = [bench_set(name, dict(SETS[name]), args.shared.resolve(), out / name, args.mode, args.set, args.exports)
                for name in args.sets]
     summary = table(results)
