@@ -80,13 +80,24 @@ def train(spec, shared, out, mode, *settings):
         args += ["--set", setting]
     if (run_dir / "model.keras").exists():
         raise SystemExit(f"{run_dir} was trained, but its timing was not kept: remove it to train it again")
-    seconds = python("train.py", *args, log=log)
+    seconds = earlier_seconds(run_dir) + python("train.py", *args, log=log)
     with open(run_dir / "history.csv") as f:
         epochs = len(list(csv.DictReader(f)))
     metadata = json.loads((run_dir / "metadata.json").read_text())
     trained = metadata["train_images"]
     return {"train_seconds": round(seconds, 1), "train_images": trained, "epochs_run": epochs,
             "epoch_chosen": metadata["epoch"], "train_images_per_second": round(trained * epochs / seconds, 1)}
+
+
+def earlier_seconds(run_dir):
+    """Seconds of the epochs that an interrupted run finished before train.py resumes it (0 for a new run)."""
+    from train import completed_epochs  # here: train imports Keras
+
+    done = completed_epochs(run_dir / "backup")
+    if not done:
+        return 0.0
+    with open(run_dir / "history.csv", newline="") as f:
+        return sum(float(row["epoch_seconds"]) for row in list(csv.DictReader(f))[:done])
 
 
 def timing_model(shared, out, settings=()):
