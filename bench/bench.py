@@ -89,6 +89,12 @@ def train(spec, shared, out, mode, *settings):
             "epoch_chosen": metadata["epoch"], "train_images_per_second": round(trained * epochs / seconds, 1)}
 
 
+def add_settings_argument(parser, applies_to):
+    """--set SECTION.KEY=VALUE, repeatable: train.py settings for applies_to."""
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help=f"a train.py setting for {applies_to}, e.g. model.backbone=MobileNet")
+
+
 def earlier_seconds(run_dir):
     """Seconds of the epochs that an interrupted run finished before train.py resumes it (0 for a new run)."""
     from train import completed_epochs  # here: train imports Keras
@@ -312,8 +318,7 @@ def main():
     parser.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS))
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a train.py setting for every set, e.g. model.weights=none where nothing can be downloaded")
+    add_settings_argument(parser, "every set")
     parser.add_argument("--exports", nargs="*", choices=("onnx", "tflite"), default=["onnx", "tflite"],
                         help="the exports to time beside the Keras model (both need TensorFlow)")
     args = parser.parse_args()

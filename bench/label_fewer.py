@@ -3,6 +3,7 @@ the real sets, self-training, and continuing a run with more labels.
 
     python bench/label_fewer.py [--sets henan_4digit lzu_5digit] [--labels 250 1000] [--unlabelled 100 250]
                                 [--steps N] [--continue-with 100] [--shared ../shared/data] [--out bench/results]
+                                [--set SECTION.KEY=VALUE ...]
 
 Every run trains with train.py and the CPU benchmark config on the set's usual split, with
 data.max_train_images labelled training images, and is scored with evaluate.py on the whole usual
@@ -11,7 +12,9 @@ curve). --unlabelled: those labels, and the rest of the training split as data.u
 set's folder itself: train.py leaves its held-out and labelled training images out), with the
 pseudo-labels' own accuracy. --continue-with K: the run of the first --unlabelled count,
 continued with K more labels and no unlabelled images, against a fresh start on as many labels.
---steps sets train.min_steps (default: the shipped one). Every stage keeps its result under --out.
+--steps sets train.min_steps (default: the shipped one); --set, any train.py setting for every run
+(e.g. model.weights=RUN, to start from a run pretrained on synthetic captchas). Every stage keeps its
+result under --out.
 """
 import argparse
 import csv
@@ -21,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
-from bench import ROOT, SETS, evaluate, stage, train  # noqa: E402
+from bench import ROOT, SETS, add_settings_argument, evaluate, stage, train  # noqa: E402
 
 
 def history(run_dir):
@@ -63,9 +66,10 @@ def main():
     parser.add_argument("--continue-with", type=int, default=100)
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    add_settings_argument(parser, "every run")
     args = parser.parse_args()
     shared, results = args.shared.resolve(), []
-    steps = [f"train.min_steps={args.steps}"] if args.steps else []
+    settings = ([f"train.min_steps={args.steps}"] if args.steps else []) + args.set
     suffix = f"_s{args.steps}" if args.steps else ""
     for name in args.sets:
         spec = dict(SETS[name], data_dir=shared / SETS[name]["dir"])
@@ -74,18 +78,18 @@ def main():
         truth = (data.read_labels_csv(labels_csv, spec["data_dir"])[0] if spec.get("labels")
                  else {p.name: p.stem for p in data.find_images(spec["data_dir"])})
         for count in args.labels:
-            results.append({"kind": "labels alone", **point(name, spec, shared, out / f"n{count}{suffix}", count, *steps)})
+            results.append({"kind": "labels alone", **point(name, spec, shared, out / f"n{count}{suffix}", count, *settings)})
         for count in args.unlabelled:
             where = out / f"n{count}_unlabelled{suffix}"
-            result = {"kind": "with unlabelled", **point(name, spec, shared, where, count, *steps,
+            result = {"kind": "with unlabelled", **point(name, spec, shared, where, count, *settings,
                                                          f"data.unlabelled={spec['data_dir']}")}
             result["pseudo_labels"] = pseudo_label_accuracy(where / "run", truth)
             results.append(result)
         if args.unlabelled and args.continue_with:
             count, start = args.unlabelled[0] + args.continue_with, out / f"n{args.unlabelled[0]}_unlabelled{suffix}"
             results.append({"kind": f"continued from the {args.unlabelled[0]}-label run", **point(
-                name, spec, shared, out / f"n{count}_continued{suffix}", count, *steps, f"model.weights={start / 'run'}")})
-            results.append({"kind": "fresh start", **point(name, spec, shared, out / f"n{count}{suffix}", count, *steps)})
+                name, spec, shared, out / f"n{count}_continued{suffix}", count, *settings, f"model.weights={start / 'run'}")})
+            results.append({"kind": "fresh start", **point(name, spec, shared, out / f"n{count}{suffix}", count, *settings)})
     percent = lambda x: f"{100 * x:.2f}%"  # noqa: E731
     lines = ["| set | labelled training images | how | steps | training minutes | first epoch: loss, held-out | "
              "whole-string accuracy | pseudo-labels taken (right) |", "|---|---|---|---|---|---|---|---|"]

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench import ROOT, on_this_machine, stage, timing_model
+from bench import ROOT, add_settings_argument, on_this_machine, stage, timing_model
 
 import data  # noqa: E402  (bench puts the repository on the path)
 from predict import Recognizer  # noqa: E402
@@ -101,8 +101,7 @@ def main():
     parser.add_argument("--images", type=int, default=40, help="captchas timed one at a time")
     parser.add_argument("--rounds", type=int, default=5, help="times each captcha is read by each reader")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a train.py setting for the timed model, e.g. model.backbone=MobileNet")
+    add_settings_argument(parser, "the timed model")
     args = parser.parse_args()
     shared = args.shared.resolve()
     run_dir, onnx = timing_model(shared, args.out / "timing", args.set)

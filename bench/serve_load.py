@@ -26,7 +26,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench import ROOT, on_this_machine, stage, timing_model
+from bench import ROOT, add_settings_argument, on_this_machine, stage, timing_model
 
 import data  # noqa: E402  (bench puts the repository on the path)
 
@@ -164,8 +164,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a train.py setting for the timed model, e.g. model.backbone=MobileNet")
+    add_settings_argument(parser, "the timed model")
     args = parser.parse_args()
     shared = args.shared.resolve()
     run_dir, onnx = timing_model(shared, args.out / "timing", args.set)

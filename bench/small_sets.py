@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
-from bench import ROOT, ddddocr_accuracy, evaluate, python, stage  # noqa: E402
+from bench import ROOT, add_settings_argument, ddddocr_accuracy, evaluate, python, stage  # noqa: E402
 
 STANDINS = {
     "standin_4x20": {"count": 1781, "length": 4, "charset": "2345678abcdefgkmnpxy", "size": (52, 130), "seed": 11,
@@ -94,8 +94,7 @@ def main():
     parser.add_argument("--sets", nargs="+", choices=list(STANDINS), default=list(STANDINS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="a train.py setting for every run, after the variant's")
+    add_settings_argument(parser, "every run, after the variant's")
     args = parser.parse_args()
     out, results = args.out / "cpu" / "small_sets", []
     for name in args.sets:
