@@ -2,14 +2,16 @@
 precise BatchNorm statistics and the other small-set defaults, against ddddocr.
 
     python bench/small_sets.py [--sets standin_4x20 standin_5x19] [--variants before after]
-                               [--out bench/results] [--set KEY=VALUE ...]
+                               [--out bench/results] [--unlabelled N] [--set KEY=VALUE ...]
 
 The sets stand in for the small, hard sets users bring (1,000-2,000 labelled captchas), drawn by
 data.py synth: 1,781 captchas of 4 characters from a 20-character lowercase-and-digit charset at
 130x52, and 1,040 of 5 characters from a 19-character charset at 200x50 (10% held out). Each
 variant trains with train.py and the CPU benchmark config (bench/cpu.yaml), patience spanning the
 whole run so that every epoch is seen; `before` trains through bench/bn_lag.py, which also scores
-each epoch's weights with recomputed statistics. Every stage keeps its result under --out, and a
+each epoch's weights with recomputed statistics. --unlabelled N draws N more captchas of each
+stand-in's kind (another seed) and self-trains on them as data.unlabelled, reporting how many
+pseudo-labels each round took and how many are right. Every stage keeps its result under --out, and a
 rerun skips what is done.
 """
 import argparse
@@ -22,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 from bench import ROOT, add_settings_argument, ddddocr_accuracy, evaluate, python, stage  # noqa: E402
+from label_fewer import pseudo_label_accuracy  # noqa: E402
 
 STANDINS = {
     "standin_4x20": {"count": 1781, "length": 4, "charset": "2345678abcdefgkmnpxy", "size": (52, 130), "seed": 11,
@@ -37,12 +40,16 @@ VARIANTS = {  # settings on top of bench/cpu.yaml
 }
 
 
-def images(name, out):
-    spec, folder = STANDINS[name], out / "images"
+def images(name, out, unlabelled=0):
+    """The stand-in's labelled captchas, or with unlabelled=N as many more of its kind (another seed),
+    for self-training; drawn captchas' file names hold their labels, to score the pseudo-labels."""
+    spec = STANDINS[name]
+    folder = out / (f"unlabelled_{unlabelled}" if unlabelled else "images")
     if not folder.exists():
-        data.synthesize(out / "images.partial", spec["count"], spec["length"], spec["charset"], spec["size"],
-                        spec["seed"])
-        os.replace(out / "images.partial", folder)
+        partial = folder.with_name(folder.name + ".partial")
+        data.synthesize(partial, unlabelled or spec["count"], spec["length"], spec["charset"], spec["size"],
+                        spec["seed"] + (1000 if unlabelled else 0))
+        os.replace(partial, folder)
     return folder
 
 
@@ -94,16 +101,25 @@ def main():
     parser.add_argument("--sets", nargs="+", choices=list(STANDINS), default=list(STANDINS))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--unlabelled", type=int, default=0, metavar="N",
+                        help="self-training: N more captchas of each stand-in's kind as data.unlabelled")
     add_settings_argument(parser, "every run, after the variant's")
     args = parser.parse_args()
     out, results = args.out / "cpu" / "small_sets", []
     for name in args.sets:
-        folder = images(name, out / name)
+        folder, settings, suffix = images(name, out / name), list(args.set), ""
+        if args.unlabelled:
+            unlabelled = images(name, out / name, args.unlabelled)
+            settings.append(f"data.unlabelled={unlabelled}")
+            suffix = f"_unlabelled{args.unlabelled}"
         for variant in args.variants:
-            where = out / name / variant
+            where = out / name / (variant + suffix)
             where.mkdir(parents=True, exist_ok=True)
-            result = {"set": name, "variant": variant, **stage(
-                where / "train.json", lambda: train(name, variant, folder, where, args.set))}
+            result = {"set": name, "variant": variant + suffix, **stage(
+                where / "train.json", lambda: train(name, variant, folder, where, settings))}
+            if args.unlabelled:
+                truth = {path.name: path.stem.split("_")[0] for path in data.find_images(unlabelled)}
+                result["pseudo_labels"] = pseudo_label_accuracy(where / "run", truth)
             result["ours"] = stage(where / "ours.json", lambda: evaluate(where / "run", where))
             result["evaluate_agrees"] = result["ours"]["whole_string_accuracy"] == result["recorded_held_out_accuracy"]
             result["ddddocr"] = stage(out / name / "ddddocr.json", lambda: ddddocr_accuracy(where / "run"))
@@ -117,6 +133,8 @@ def main():
         lines.append(f"| {r['set']} | {r['variant']} | {curve} | {r['epoch_chosen']}: "
                      f"{percent(r['recorded_held_out_accuracy'])} {'=' if r['evaluate_agrees'] else '!='} "
                      f"{percent(r['ours']['whole_string_accuracy'])} | {percent(r['ddddocr']['whole_string_accuracy'])} |")
+    lines += [f"\n{r['set']}, {r['variant']}, self-training round {p['round']}: {p['taken']} pseudo-labels taken, "
+              f"{p['right']} of them right" for r in results for p in r.get("pseudo_labels", [])]
     summary = "\n".join(lines)
     print(summary)
     data.write_atomically(out / "results.json", json.dumps(results, indent=2))
