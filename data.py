@@ -35,8 +35,10 @@ MAX_PIXELS = 4096 * 4096
 # The raster formats Pillow may read; the others are never tried. EPS, for one, would hand the file to
 # Ghostscript, a PostScript interpreter, which a server must not run on what it is sent.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes MPO, what cameras write
-# Part of the cache key: bump it whenever decode_image's output or the cached digests change.
+# Part of the cache key and of a model's metadata: bump it whenever decode_image's output changes.
 DECODE_VERSION = 2
+# Part of the cache key: bump it whenever the cached digests change.
+DIGEST_VERSION = 2
 SYNTH_CHARSET = string.digits + string.ascii_uppercase
 SYNTH_COUNT = 10_000
 
@@ -51,7 +53,16 @@ def decode_image(source, size):
     Every mode is accepted: 1-bit, grayscale, 16-bit, palette, CMYK, with or without
     transparency (composited on white), and the first frame of an animation.
     """
+    return resized(full_size_rgb(source), size)
+
+
+def resized(image, size):
     height, width = size
+    return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def full_size_rgb(source):
+    """Any image -> the RGB PIL image decode_image resizes, or ImageError."""
     if isinstance(source, Image.Image):
         image = source
     elif isinstance(source, np.ndarray):
@@ -63,12 +74,11 @@ def decode_image(source, size):
             raise ImageError(f"too large to be a captcha: {image.width}x{image.height} pixels")
         image.seek(0)
         image.load()
-        image = to_rgb(image).resize((width, height), Image.Resampling.BILINEAR)
+        return to_rgb(image)
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         if isinstance(e, ImageError):
             raise
         raise ImageError(f"corrupt image: {e}") from None
-    return np.asarray(image, dtype=np.uint8)
 
 
 def read_bytes(source):
@@ -357,12 +367,14 @@ def decode(indices, charset):
 # ---------------------------------------------------------------- pixels, cached
 
 def read_and_decode(job):
-    """-> (pixels, digest of the pixels, None) or (None, None, reason). The digest is of the decoded
-    pixels, not the file: the same captcha saved as PNG and as BMP is one image."""
+    """-> (pixels, digest, None) or (None, None, reason). The digest is of the decoded pixels at full
+    size, not of the file: the same captcha saved as PNG and as BMP is one image; and not of the
+    resized pixels, so that the train/test split does not change with data.image_size."""
     path, size = job
     try:
-        pixels = decode_image(path, size)
-        return pixels, hashlib.sha1(pixels.tobytes()).hexdigest(), None
+        image = full_size_rgb(path)
+        digest = hashlib.sha1(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
+        return resized(image, size), digest, None
     except ImageError as e:
         return None, None, str(e)
 
@@ -387,7 +399,7 @@ def decode_files(paths, size, out, desc):
 
 
 def cache_key(paths, size):
-    h = hashlib.sha1(f"{DECODE_VERSION}:{size[0]}x{size[1]}".encode())
+    h = hashlib.sha1(f"{DECODE_VERSION}:{DIGEST_VERSION}:{size[0]}x{size[1]}".encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"\n{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}".encode())

@@ -319,3 +319,26 @@ def test_file_name_labels_of_every_length_in_the_range_parse_back(charset, draw)
         assert data.label_from_name(name, None, fits, (shortest, longest)) == label
     if not fits(tag) or tag == label:
         assert data.label_from_name(f"{tag}_{label}.png", None, fits, (shortest, longest)) == label
+
+
+def test_the_split_does_not_change_with_the_input_size(tmp_path):
+    # Digests are of the full-size pixels: a run at another data.image_size (or continued from one)
+    # holds out the same captchas, and captchas that differ only in fine detail stay distinct.
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(40):
+        pixels = rng.integers(0, 256, (50, 200, 3), dtype=np.uint8)
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    fine = np.full((50, 200, 3), 255, np.uint8)
+    Image.fromarray(fine).save(tmp_path / "plain.png")
+    fine[0, 0] = 0  # one pixel, lost when shrunk to 4x4
+    Image.fromarray(fine).save(tmp_path / "dot.png")
+    paths += [tmp_path / "plain.png", tmp_path / "dot.png"]
+    small_images, small, _ = data.load_images(paths, (4, 4))
+    _, large, _ = data.load_images(paths, (50, 120))
+    assert small == large
+    np.testing.assert_array_equal(small_images[-1], small_images[-2])
+    assert small[-1] != small[-2]
+    for a, b in zip(data.split_train_test(small, 0.2, seed=0), data.split_train_test(large, 0.2, seed=0)):
+        np.testing.assert_array_equal(a, b)
