@@ -74,7 +74,8 @@ def download_labels(browser, folder):
     browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(folder)})
     find(browser, "#download")[0].click()
     deadline = time.monotonic() + 10
-    while not (folder / "labels.csv").exists() and time.monotonic() < deadline:
+    # Chromium may show labels.csv a moment before it removes labels.csv.crdownload.
+    while [p.name for p in folder.iterdir()] != ["labels.csv"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [p.name for p in folder.iterdir()] == ["labels.csv"]  # one download, complete
     with open(folder / "labels.csv", encoding="utf-8", newline="") as f:
