@@ -112,13 +112,13 @@ def main():
             unlabelled = images(name, out / name, args.unlabelled)
             settings.append(f"data.unlabelled={unlabelled}")
             suffix = f"_unlabelled{args.unlabelled}"
+            truth = {path.name: path.stem.split("_")[0] for path in data.find_images(unlabelled)}
         for variant in args.variants:
             where = out / name / (variant + suffix)
             where.mkdir(parents=True, exist_ok=True)
             result = {"set": name, "variant": variant + suffix, **stage(
                 where / "train.json", lambda: train(name, variant, folder, where, settings))}
             if args.unlabelled:
-                truth = {path.name: path.stem.split("_")[0] for path in data.find_images(unlabelled)}
                 result["pseudo_labels"] = pseudo_label_accuracy(where / "run", truth)
             result["ours"] = stage(where / "ours.json", lambda: evaluate(where / "run", where))
             result["evaluate_agrees"] = result["ours"]["whole_string_accuracy"] == result["recorded_held_out_accuracy"]
