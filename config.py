@@ -21,8 +21,10 @@ CHOICES = {
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribute": ("none", "data_parallel"),
 }
-# data.length is the one key of two types: a number (a fixed length) or a range of lengths.
+# Two keys take a value of either of two types: data.length, a number (a fixed length) or a range of
+# lengths, and data.image_size, [height, width] or `auto`.
 LENGTH_RULE = "a number of characters like 4, or a range MIN-MAX like 4-6 with 1 <= MIN < MAX"
+IMAGE_SIZE_RULE = "[height, width], like [50, 120], or auto"
 
 
 def quiet_backend_startup():
@@ -82,6 +84,11 @@ def checked_value(key, value, default, source):
         if lengths is None:
             raise UserError(f"{source}: data.length must be {LENGTH_RULE}, got {value!r}")
         return value if isinstance(value, int) else f"{lengths[0]}-{lengths[1]}"
+    if key == "data.image_size":
+        if value != "auto" and not (isinstance(value, list) and len(value) == 2
+                                    and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise UserError(f"{source}: data.image_size must be {IMAGE_SIZE_RULE}, got {value!r}")
+        return value
     kind = type(default)
     expected = {type(None): "a string or null", bool: "true or false", int: "an integer", float: "a number",
                 str: "a string", list: f"a list like {default}"}
@@ -117,7 +124,8 @@ def parse_override(text, defaults):
         raise UserError(f"--set {text}: expected section.key=value")
     key = key.strip()
     default = flatten(defaults).get(key)
-    if isinstance(default, str) or (default is None and raw.strip() not in ("null", "~", "")):
+    verbatim = isinstance(default, str) and key != "data.image_size"
+    if verbatim or (default is None and raw.strip() not in ("null", "~", "")):
         return key, raw
     try:
         return key, yaml.safe_load(raw)
@@ -131,8 +139,7 @@ def validate(cfg):
         section, name = key.split(".")
         if cfg[section][name] not in choices:
             raise UserError(f"{key} must be one of {', '.join(choices)}, got {cfg[section][name]!r}")
-    height, width = data["image_size"]
-    if min(height, width) < MIN_IMAGE_SIDE:
+    if data["image_size"] != "auto" and min(data["image_size"]) < MIN_IMAGE_SIDE:
         raise UserError(f"data.image_size {data['image_size']} is too small for the backbone, which "
                         f"downsamples by 32: each side must be at least {MIN_IMAGE_SIDE} pixels")
     bounds = [("data.max_train_images", data["max_train_images"] >= 0),

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from config import LENGTH_RULE, UserError, length_range
+from config import LENGTH_RULE, MIN_IMAGE_SIDE, UserError, length_range
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # Captchas are small: refuse larger images from their header, before decoding them.
@@ -41,6 +41,9 @@ DECODE_VERSION = 2
 DIGEST_VERSION = 2
 SYNTH_CHARSET = string.digits + string.ascii_uppercase
 SYNTH_COUNT = 10_000
+# data.image_size: auto keeps the pixel count of the former fixed default, 50x120, and the images' shape.
+AUTO_PIXELS = 50 * 120
+AUTO_SAMPLE = 1000
 
 
 class ImageError(ValueError):
@@ -79,6 +82,22 @@ def full_size_rgb(source):
         if isinstance(e, ImageError):
             raise
         raise ImageError(f"corrupt image: {e}") from None
+
+
+def auto_image_size(paths):
+    """data.image_size: auto -> ([height, width], width/height). The images' median aspect, from the
+    headers of at most AUTO_SAMPLE of them, at about AUTO_PIXELS pixels, each side a multiple of 8
+    and at least MIN_IMAGE_SIDE."""
+    aspects = []
+    for path in paths[::max(1, len(paths) // AUTO_SAMPLE)]:
+        try:
+            with open_image(read_bytes(path)) as image:
+                aspects.append(image.width / image.height)
+        except ImageError:
+            continue  # load_images reports it
+    aspect = float(np.median(aspects)) if aspects else 120 / 50
+    height = (AUTO_PIXELS / aspect) ** 0.5
+    return [max(MIN_IMAGE_SIDE, 8 * round(side / 8)) for side in (height, height * aspect)], aspect
 
 
 def read_bytes(source):

@@ -353,8 +353,7 @@ def prepare_data(cfg, charset_hint=None):
         print(f"{root} does not exist: generating the default synthetic set of {data.SYNTH_COUNT} captchas "
               f"(set data.dir to train on your own)")
         partial = root.with_name(root.name + ".partial")
-        data.synthesize(partial, data.SYNTH_COUNT, d["length"], d["charset"] or data.SYNTH_CHARSET, d["image_size"],
-                        d["seed"])
+        data.synthesize(partial, data.SYNTH_COUNT, d["length"], d["charset"] or data.SYNTH_CHARSET, seed=d["seed"])
         os.replace(partial, root)
     items, notes = data.labelled_files(root, d["labels"], d["label_pattern"], d["case"], lengths, d["charset"],
                                        d["allow_outside_dir"])
@@ -372,7 +371,8 @@ def prepare_data(cfg, charset_hint=None):
     fits_hint = charset_hint is not None and set("".join(labels)) <= set(charset_hint)
     charset = d["charset"] or (charset_hint if fits_hint else data.infer_charset(labels))
     paths = [path for path, _ in good]
-    images, digests, failures = data.load_images(paths, d["image_size"], d["cache_dir"], desc=f"decoding {root}")
+    image_size, aspect = (d["image_size"], None) if d["image_size"] != "auto" else data.auto_image_size(paths)
+    images, digests, failures = data.load_images(paths, image_size, d["cache_dir"], desc=f"decoding {root}")
     valid = np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64)
     if len(valid) < 2:
         raise UserError(f"{root}: fewer than 2 readable images")
@@ -391,7 +391,9 @@ def prepare_data(cfg, charset_hint=None):
     charset_source = "" if d["charset"] else ", the continued run's" if fits_hint else ", inferred"
     print(f"data: {len(valid)} images from {root}, labels from {d['labels'] or 'file names'}; "
           f"charset {charset!r} ({len(charset)} characters{charset_source}), "
-          f"length {d['length']}; {len(train_idx)} to train, {len(test_idx)} held out")
+          f"length {d['length']}; {len(train_idx)} to train, {len(test_idx)} held out; input {image_size[0]}x"
+          f"{image_size[1]}" + (f" (data.image_size auto: the images' median width:height is {aspect:.2f})"
+                                if aspect else ""))
     if lengths[0] < lengths[1]:
         counts, held_out = (collections.Counter(len(good[i][1]) for i in indices) for indices in (valid, test_idx))
         print("  lengths: " + ", ".join(f"{n}: {counts[n]} ({held_out[n]} held out)"
@@ -418,7 +420,8 @@ def prepare_data(cfg, charset_hint=None):
         for i in indices:
             fingerprint.update(f"{side},{data.shown_path(paths[i], root)},{good[i][1]},{digests[i]}\n".encode())
     split = {"train_images": len(train_idx), "held_out_images": len(test_idx), "digest": fingerprint.hexdigest()}
-    return {"root": root, "items": good, "images": images, "targets": targets, "charset": charset,
+    return {"root": root, "items": good, "images": images, "image_size": image_size, "targets": targets,
+            "charset": charset,
             "train": train_idx, "test": test_idx, "digests": digests, "split": split}
 
 
@@ -434,7 +437,8 @@ def read_unlabelled(cfg, dataset):
         paths = data.image_files(root)
     except UserError as e:
         raise UserError(f"data.unlabelled: {e}") from None
-    images, digests, failures = data.load_images(paths, d["image_size"], d["cache_dir"], desc=f"decoding {root}")
+    images, digests, failures = data.load_images(paths, dataset["image_size"], d["cache_dir"],
+                                                 desc=f"decoding {root}")
     labelled = {dataset["digests"][i] for i in (*dataset["train"], *dataset["test"])}
     keep = [i for i in range(len(paths)) if i not in failures and digests[i] not in labelled]
     print(f"unlabelled: {len(keep)} images from {root} for self-training")
@@ -543,12 +547,12 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     keras.utils.set_random_seed(d["seed"])
     policy = resolve_precision(t["precision"])
     keras.mixed_precision.set_global_policy(policy)
-    charset, (shortest, longest) = dataset["charset"], length_range(d["length"])
+    charset, (shortest, longest), image_size = dataset["charset"], length_range(d["length"]), dataset["image_size"]
     classes = data.class_count(charset, (shortest, longest))  # with a range of lengths, one more: the blank
     # train.batch_size is per device; Adam's learning rate follows the square-root scaling rule.
     batch_size, learning_rate = t["batch_size"] * replicas, t["learning_rate"] * math.sqrt(replicas)
     with scope():
-        model, initialisation = build_model(d["image_size"], longest, classes, m["backbone"],
+        model, initialisation = build_model(image_size, longest, classes, m["backbone"],
                                             "none" if source else m["weights"], m["dropout"], m["weights_strict"])
         if source:
             heads = (source["charset"], source["lengths"]) == (charset, (shortest, longest))
@@ -558,12 +562,12 @@ def train(cfg, run_dir=None, extra_callbacks=()):
                   f"the backbone's weights, with new heads, as the {'charset' if source['charset'] != charset else 'length'} "
                   f"changed ({source['charset']!r} x {source['lengths']} -> {charset!r} x {shortest, longest})"))
     print(f"model: {m['backbone']} from {initialisation} weights, {policy} precision, "
-          f"input {d['image_size'][0]}x{d['image_size'][1]}, {model.count_params():,} parameters; "
+          f"input {image_size[0]}x{image_size[1]}, {model.count_params():,} parameters; "
           f"batch {batch_size} over {replicas} device{'s' if replicas > 1 else ''}")
 
     early_stopping = ResumableEarlyStopping(run_dir, monitor=SELECTION, mode="max", patience=t["patience"],
                                             restore_best_weights=True)
-    shape = {"image_size": d["image_size"], "charset": charset, "length": longest, "min_length": shortest}
+    shape = {"image_size": image_size, "charset": charset, "length": longest, "min_length": shortest}
     sample = np.random.default_rng(d["seed"]).permutation(dataset["train"])[:t["batchnorm_images"]]
     held_out = HeldOutAccuracy(dataset["images"], dataset["test"], dataset["targets"], shape,
                                dataset["images"][np.sort(sample)], batch_size)
@@ -624,7 +628,7 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     with open(run_dir / "history.csv", newline="") as f:
         held_out_accuracy = float(next(row for row in csv.DictReader(f) if int(row["epoch"]) == chosen - 1)[MONITOR])
     metadata = {  # length: the number of heads, the longest label; min_length: the shortest
-        "charset": charset, "length": longest, "min_length": shortest, "image_size": d["image_size"], "case": d["case"],
+        "charset": charset, "length": longest, "min_length": shortest, "image_size": image_size, "case": d["case"],
         "label_pattern": d["label_pattern"], "backbone": m["backbone"], "initialisation": initialisation,
         "preprocessing": f"{preprocessing_for(m['backbone'])} scaling of RGB uint8 pixels, inside the model; "
                          f"images resized to image_size by data.decode_image (bilinear)",
