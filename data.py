@@ -41,6 +41,7 @@ DECODE_VERSION = 2
 DIGEST_VERSION = 2
 SYNTH_CHARSET = string.digits + string.ascii_uppercase
 SYNTH_COUNT = 10_000
+SYNTH_SIZE = (64, 128)
 # data.image_size: auto keeps the pixel count of the former fixed default, 50x120, and the images' shape.
 AUTO_PIXELS = 50 * 120
 AUTO_SAMPLE = 1000
@@ -495,7 +496,7 @@ def split_train_test(digests, test_fraction, seed, strata=None):
 
 # ---------------------------------------------------------------- synthetic captchas
 
-def synthesize(out, count, length=4, charset=SYNTH_CHARSET, size=(64, 128), seed=0):
+def synthesize(out, count, length=4, charset=SYNTH_CHARSET, size=SYNTH_SIZE, seed=0):
     """Writes `count` captchas drawn by the captcha package as LABEL_NNNNNN.png; the same seed gives the same files.
     length: as data.length, a number or a range like "4-6", whose lengths take equal shares, in turn."""
     shortest, longest = length_range(length)
@@ -537,7 +538,8 @@ def main(argv=None):
     synth.add_argument("--count", type=int, required=True)
     synth.add_argument("--length", type=parse_length, default=4, help="a number, or a range like 4-6 (default 4)")
     synth.add_argument("--charset", default=SYNTH_CHARSET)
-    synth.add_argument("--size", type=parse_size, default=(64, 128), help="HEIGHTxWIDTH, default 64x128")
+    synth.add_argument("--size", type=parse_size, default=SYNTH_SIZE,
+                       help=f"HEIGHTxWIDTH, default {SYNTH_SIZE[0]}x{SYNTH_SIZE[1]}")
     synth.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     synthesize(args.out, args.count, args.length, args.charset, args.size, args.seed)

@@ -317,6 +317,10 @@ def check_same_split(run_dir, dataset, resuming):
     path = run_dir / "split.json"
     if resuming and path.exists():
         before, now = json.loads(path.read_text()), dataset["split"]
+        if before.get("digest_version", 1) != now["digest_version"]:
+            raise UserError(f"{run_dir} was started by an older version of train.py, which told duplicate images "
+                            f"apart another way, so its split cannot be rebuilt: choose another --run-dir to start "
+                            f"afresh, or finish it with that version")
         if before["digest"] != now["digest"]:
             raise UserError(f"the data in {dataset['root']} have changed since {run_dir} started "
                             f"({before['train_images']} to train and {before['held_out_images']} held out then, "
@@ -353,7 +357,8 @@ def prepare_data(cfg, charset_hint=None):
         print(f"{root} does not exist: generating the default synthetic set of {data.SYNTH_COUNT} captchas "
               f"(set data.dir to train on your own)")
         partial = root.with_name(root.name + ".partial")
-        data.synthesize(partial, data.SYNTH_COUNT, d["length"], d["charset"] or data.SYNTH_CHARSET, seed=d["seed"])
+        size = data.SYNTH_SIZE if d["image_size"] == "auto" else d["image_size"]
+        data.synthesize(partial, data.SYNTH_COUNT, d["length"], d["charset"] or data.SYNTH_CHARSET, size, d["seed"])
         os.replace(partial, root)
     items, notes = data.labelled_files(root, d["labels"], d["label_pattern"], d["case"], lengths, d["charset"],
                                        d["allow_outside_dir"])
@@ -419,7 +424,8 @@ def prepare_data(cfg, charset_hint=None):
     for side, indices in (("train", train_idx), ("held out", test_idx)):
         for i in indices:
             fingerprint.update(f"{side},{data.shown_path(paths[i], root)},{good[i][1]},{digests[i]}\n".encode())
-    split = {"train_images": len(train_idx), "held_out_images": len(test_idx), "digest": fingerprint.hexdigest()}
+    split = {"train_images": len(train_idx), "held_out_images": len(test_idx), "digest": fingerprint.hexdigest(),
+             "digest_version": data.DIGEST_VERSION}
     return {"root": root, "items": good, "images": images, "image_size": image_size, "targets": targets,
             "charset": charset,
             "train": train_idx, "test": test_idx, "digests": digests, "split": split}

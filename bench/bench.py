@@ -107,7 +107,7 @@ def earlier_seconds(run_dir):
 
 
 def timing_model(shared, out, settings=()):
-    """-> (run directory, its ONNX export): a model at the default 50x120 input to time reading with,
+    """-> (run directory, its ONNX export): a model at the default input to time reading with,
     trained one epoch (two steps) on 64 henan_4digit captchas, as speed does not depend on the weights;
     settings: train.py's, e.g. another model.backbone."""
     spec = dict(SETS["henan_4digit"], data_dir=shared / "henan_4digit")

@@ -112,7 +112,9 @@ def main():
             unlabelled = images(name, out / name, args.unlabelled)
             settings.append(f"data.unlabelled={unlabelled}")
             suffix = f"_unlabelled{args.unlabelled}"
-            truth = {path.name: path.stem.split("_")[0] for path in data.find_images(unlabelled)}
+            lengths = (STANDINS[name]["length"],) * 2
+            truth = {path.name: label for path, label in data.labelled_files(
+                unlabelled, None, None, "sensitive", lengths, STANDINS[name]["charset"])[0]}
         for variant in args.variants:
             where = out / name / (variant + suffix)
             where.mkdir(parents=True, exist_ok=True)

@@ -96,15 +96,17 @@ def made_once(tmp_path_factory, name, make):
 
 @pytest.fixture(scope="session")
 def varied_run(tmp_path_factory, cache_dir):
-    """A run on captchas of 3 or 4 digits (data.length=3-4): 80 drawn by `data.py synth --length 3-4`,
-    trained for one epoch. Shared by the tests of training, reading, evaluating and exporting it."""
+    """A run on captchas of 3 or 4 digits (data.length=3-4): 80 drawn 4:1 by `data.py synth --length 3-4`,
+    trained for one epoch at data.image_size=auto. Shared by the tests of training, reading, evaluating
+    and exporting it."""
     import config
     import train
 
     def make(work):
         data.main(["synth", "--out", str(work / "images"), "--count", "80", "--length", "3-4", "--charset",
-                   "0123456789", "--size", "32x64", "--seed", "2"])
+                   "0123456789", "--size", "32x128", "--seed", "2"])
         cfg = config.load_config(None, overrides(f"data.dir={work / 'images'}", "data.length=3-4", "train.epochs=1",
+                                                 "data.image_size=auto",
                                                  "data.charset=0123456789", cache_dir=cache_dir))
         train.train(cfg, work / "run")
 

@@ -9,7 +9,7 @@ from conftest import assert_one_line_error, run_in_process
 
 def test_defaults_load_and_every_key_is_commented():
     cfg = load_config()
-    assert cfg["data"]["image_size"] == [50, 120]
+    assert cfg["data"]["image_size"] == "auto"
     assert cfg["model"]["backbone"] == "Xception" and cfg["model"]["weights"] == "imagenet"
     lines = open(load_config.__globals__["DEFAULTS_PATH"]).read().splitlines()
     for i, line in enumerate(lines):
@@ -20,6 +20,7 @@ def test_defaults_load_and_every_key_is_commented():
 def test_overrides_keep_types_and_strings_stay_verbatim():
     cfg = load_config(None, ["data.charset=0123456789", "data.image_size=[40, 100]", "train.learning_rate=1",
                              "data.labels=null"])
+    assert load_config(None, ["data.image_size=auto"])["data"]["image_size"] == "auto"
     assert cfg["data"]["charset"] == "0123456789"  # not the integer 123456789
     assert cfg["data"]["image_size"] == [40, 100]
     assert cfg["train"]["learning_rate"] == 1.0 and isinstance(cfg["train"]["learning_rate"], float)
@@ -43,7 +44,8 @@ def test_unknown_key_names_the_closest_valid_one():
 
 @pytest.mark.parametrize("override, fragment", [
     ("train.epochs=three", "train.epochs must be an integer"),
-    ("data.image_size=[50]", "data.image_size must be a list like [50, 120]"),
+    ("data.image_size=[50]", "data.image_size must be [height, width], like [50, 120], or auto, got [50]"),
+    ("data.image_size=square", "data.image_size must be [height, width], like [50, 120], or auto, got 'square'"),
     ("data.image_size=[16,120]", "too small for the backbone"),
     ("data.case=title", "data.case must be one of sensitive, lower, upper"),
     ("data.test_fraction=1.5", "data.test_fraction is out of range"),

@@ -85,7 +85,8 @@ def test_an_export_of_a_length_range_passes_parity_and_reads_as_keras(varied_run
     assert exported.lengths == (3, 4)
     keras_model = predict.Recognizer.load(varied_run, precision="float32")
     labels, _ = data.read_labels_csv(varied_run / "test_split.csv", varied_run.parent / "images")
-    pixels = np.stack([data.decode_image(varied_run.parent / "images" / name, (32, 64)) for name in sorted(labels)])
+    pixels = np.stack([data.decode_image(varied_run.parent / "images" / name, keras_model.image_size)
+                       for name in sorted(labels)])
     for want, got in zip(keras_model.probabilities(pixels), exported.probabilities(pixels)):
         assert got.shape == (8, 11) and np.abs(want - got).max() <= export.PARITY_TOLERANCE
     expected, actual = keras_model.read(pixels), exported.read(pixels)
