@@ -96,7 +96,7 @@ def auto_image_size(paths):
                 aspects.append(image.width / image.height)
         except ImageError:
             continue  # load_images reports it
-    aspect = float(np.median(aspects)) if aspects else 120 / 50
+    aspect = float(np.median(aspects)) if aspects else 120 / 50  # none readable: the run stops on that anyway
     height = (AUTO_PIXELS / aspect) ** 0.5
     return [max(MIN_IMAGE_SIDE, 8 * round(side / 8)) for side in (height, height * aspect)], aspect
 
