@@ -97,8 +97,8 @@ def made_once(tmp_path_factory, name, make):
 @pytest.fixture(scope="session")
 def varied_run(tmp_path_factory, cache_dir):
     """A run on captchas of 3 or 4 digits (data.length=3-4): 80 drawn 4:1 by `data.py synth --length 3-4`,
-    trained for one epoch at data.image_size=auto. Shared by the tests of training, reading, evaluating
-    and exporting it."""
+    trained for one epoch at data.image_size=auto, made tiny like every test's input (32x88, not
+    40x152). Shared by the tests of training, reading, evaluating and exporting it."""
     import config
     import train
 
@@ -108,7 +108,11 @@ def varied_run(tmp_path_factory, cache_dir):
         cfg = config.load_config(None, overrides(f"data.dir={work / 'images'}", "data.length=3-4", "train.epochs=1",
                                                  "data.image_size=auto",
                                                  "data.charset=0123456789", cache_dir=cache_dir))
-        train.train(cfg, work / "run")
+        pixels, data.AUTO_PIXELS = data.AUTO_PIXELS, 32 * 64
+        try:
+            train.train(cfg, work / "run")
+        finally:
+            data.AUTO_PIXELS = pixels
 
     return made_once(tmp_path_factory, "varied", make) / "run"
 
