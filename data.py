@@ -90,7 +90,7 @@ def auto_image_size(paths):
     headers of at most AUTO_SAMPLE of them, at about AUTO_PIXELS pixels, each side a multiple of 8
     and at least MIN_IMAGE_SIDE."""
     aspects = []
-    for path in paths[::max(1, len(paths) // AUTO_SAMPLE)]:
+    for path in paths[::-(-len(paths) // AUTO_SAMPLE) or 1]:  # every k-th, k rounded up: at most AUTO_SAMPLE
         try:
             with open_image(read_bytes(path)) as image:
                 aspects.append(image.width / image.height)

@@ -321,7 +321,7 @@ def test_file_name_labels_of_every_length_in_the_range_parse_back(charset, draw)
         assert data.label_from_name(f"{tag}_{label}.png", None, fits, (shortest, longest)) == label
 
 
-def test_auto_input_size_keeps_the_captchas_shape(tmp_path):
+def test_auto_input_size_keeps_the_captchas_shape(tmp_path, monkeypatch):
     # 4:1 captchas are not squeezed into 50x120's 2.4:1: auto keeps the images' median shape at about
     # as many pixels, each side a multiple of 8; a file that is no image does not count.
     for i, (width, height) in enumerate([(200, 50)] * 3 + [(130, 52)] * 2):
@@ -331,6 +331,10 @@ def test_auto_input_size_keeps_the_captchas_shape(tmp_path):
     assert data.auto_image_size([tmp_path / "4.png"]) == ([48, 120], 2.5)
     Image.new("RGB", (400, 20)).save(tmp_path / "strip.png")  # 20:1: the backbone still gets 32 pixels of height
     assert data.auto_image_size([tmp_path / "strip.png"])[0] == [32, 344]
+    opened = []
+    monkeypatch.setattr(data, "read_bytes", lambda path: opened.append(path) or (tmp_path / "0.png").read_bytes())
+    data.auto_image_size([tmp_path / "0.png"] * (data.AUTO_SAMPLE * 2 - 1))
+    assert len(opened) == data.AUTO_SAMPLE  # a header sample, not every file
 
 
 def test_the_split_does_not_change_with_the_input_size(tmp_path):
