@@ -427,8 +427,7 @@ def prepare_data(cfg, charset_hint=None):
     split = {"train_images": len(train_idx), "held_out_images": len(test_idx), "digest": fingerprint.hexdigest(),
              "digest_version": data.DIGEST_VERSION}
     return {"root": root, "items": good, "images": images, "image_size": image_size, "targets": targets,
-            "charset": charset,
-            "train": train_idx, "test": test_idx, "digests": digests, "split": split}
+            "charset": charset, "train": train_idx, "test": test_idx, "digests": digests, "split": split}
 
 
 def read_unlabelled(cfg, dataset):
