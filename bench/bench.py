@@ -69,6 +69,7 @@ def stage(path, compute):
 
 def train(spec, shared, out, mode, *settings):
     run_dir, log = out / "run", out / "train.log"
+    out.mkdir(parents=True, exist_ok=True)
     args = ["--config", ROOT / "bench" / f"{mode}.yaml", "--run-dir", run_dir,
             "--set", f"data.dir={spec['data_dir']}", "--set", f"data.length={spec['length']}",
             "--set", f"data.labels={shared / spec['labels'] if spec.get('labels') else 'null'}"]
