@@ -74,9 +74,10 @@ def main():
     for name in args.sets:
         spec = dict(SETS[name], data_dir=shared / SETS[name]["dir"])
         out = args.out / "cpu" / "label_fewer" / name
-        labels_csv = shared / (spec.get("labels_clean") or spec.get("labels") or "")
-        truth = (data.read_labels_csv(labels_csv, spec["data_dir"])[0] if spec.get("labels")
-                 else {p.name: p.stem for p in data.find_images(spec["data_dir"])})
+        labels_csv = shared / (spec.get("labels_clean") or spec["labels"]) if spec.get("labels") else None
+        # Keyed as pseudo_labels.csv names its files: relative to the folder, with forward slashes.
+        truth = {path.relative_to(spec["data_dir"]).as_posix(): label for path, label in data.labelled_files(
+            spec["data_dir"], labels_csv, None, "sensitive", (spec["length"],) * 2, None)[0]}
         for count in args.labels:
             results.append({"kind": "labels alone", **point(name, spec, shared, out / f"n{count}{suffix}", count, *settings)})
         for count in args.unlabelled:
