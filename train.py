@@ -183,8 +183,17 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             with np.load(self.weights_path) as saved:
                 self.best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
 
+    def start_from(self, score, weights):
+        """The weights training starts from, scoring `score`, are the best so far (as epoch -1): an
+        epoch must score higher to replace them."""
+        self.best, self.best_epoch, self.wait, self.best_weights = score, -1, 0, weights
+        self.save(-1)
+
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
+        self.save(epoch)
+
+    def save(self, epoch):
         if self.best_epoch == epoch and self.best_weights is not None:
             partial = self.weights_path.with_suffix(".partial")
             with open(partial, "wb") as f:
@@ -583,6 +592,18 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     progress_path = run_dir / "rounds.json"  # rounds completed, and the epochs they ran
     progress = (json.loads(progress_path.read_text()) if progress_path.exists()
                 else {"rounds": 0, "epochs": 0, "steps": 0})
+    if source and heads and "start" not in progress:
+        # A continued run never hands back a model worse than the one it started from: that model
+        # is scored like an epoch, and an epoch must read the held-out split better to replace it.
+        logs = {}
+        held_out.set_model(model)
+        held_out.on_epoch_begin(-1)
+        held_out.on_epoch_end(-1, logs)
+        early_stopping.start_from(logs[SELECTION], model.get_weights())
+        progress["start"] = logs[MONITOR]
+        data.write_atomically(progress_path, json.dumps(progress))
+        print(f"the model continued from reads {logs[MONITOR]:.4f} of the held-out split whole: "
+              "an epoch must read it better to replace it")
     if progress["rounds"]:  # killed after a round had ended: go on from the best weights so far
         early_stopping.restore()
         model.set_weights(early_stopping.best_weights)
@@ -625,13 +646,14 @@ def train(cfg, run_dir=None, extra_callbacks=()):
                   verbose=1 if sys.stdout.isatty() else 2)
         with open(run_dir / "history.csv", newline="") as f:
             epochs_run = len(list(csv.DictReader(f)))
-        progress = {"rounds": round_ + 1, "epochs": epochs_run,
+        progress = {**progress, "rounds": round_ + 1, "epochs": epochs_run,
                     "steps": progress["steps"] + (epochs_run - progress["epochs"]) * steps}
         data.write_atomically(progress_path, json.dumps(progress))
 
-    chosen = early_stopping.best_epoch + 1
+    chosen = early_stopping.best_epoch + 1  # 0: the model continued from, which no epoch read better
     with open(run_dir / "history.csv", newline="") as f:
-        held_out_accuracy = float(next(row for row in csv.DictReader(f) if int(row["epoch"]) == chosen - 1)[MONITOR])
+        held_out_accuracy = progress["start"] if chosen == 0 else float(
+            next(row for row in csv.DictReader(f) if int(row["epoch"]) == chosen - 1)[MONITOR])
     metadata = {  # length: the number of heads, the longest label; min_length: the shortest
         "charset": charset, "length": longest, "min_length": shortest, "image_size": image_size, "case": d["case"],
         "label_pattern": d["label_pattern"], "backbone": m["backbone"], "initialisation": initialisation,
@@ -652,7 +674,9 @@ def train(cfg, run_dir=None, extra_callbacks=()):
         shutil.rmtree(run_dir / state, ignore_errors=True)
     for state in ("early_stopping.json", "best.weights.npz", "rounds.json"):
         (run_dir / state).unlink(missing_ok=True)
-    print(f"chose epoch {chosen} of {progress['epochs']}: held-out whole-string accuracy {held_out_accuracy:.4f}")
+    print((f"chose epoch {chosen} of {progress['epochs']}" if chosen else
+           f"kept the model continued from: none of the {progress['epochs']} epochs read the held-out split better")
+          + f": held-out whole-string accuracy {held_out_accuracy:.4f}")
     print(f"saved in {run_dir}: {MODEL_FILE} (model and metadata), metadata.json, config.yaml, test_split.csv, "
           f"history.csv{', pseudo_labels.csv' if unlabelled else ''}{', tensorboard/' if tensorboard else ''}")
     return run_dir

@@ -46,6 +46,40 @@ def test_continuing_a_run_starts_from_its_weights_and_self_trains_on_unlabelled_
     assert all(row["round"] == "1" and len(row["label"]) == 4 for row in pseudo)
 
 
+def test_a_continued_run_that_reads_worse_than_its_start_hands_back_the_start(tmp_path, trained_run, cache_dir,
+                                                                               monkeypatch, capsys):
+    """A continued run never saves a model worse than the one it continued from: here its one
+    epoch is made to score below it, and the run saves the start's weights, with the start's
+    held-out score, which is what evaluate.py reports for the saved model."""
+    import keras
+
+    import evaluate
+    from predict import Recognizer
+
+    score = train.HeldOutAccuracy.on_epoch_end
+
+    def epochs_score_nothing(self, epoch, logs=None):
+        score(self, epoch, logs)
+        if epoch >= 0:  # -1 is the start
+            logs[train.SELECTION] = -1.0
+
+    monkeypatch.setattr(train.HeldOutAccuracy, "on_epoch_end", epochs_score_nothing)
+    labelled = trained_run.parent / "data" / "synthetic"
+    cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
+                                             f"model.weights={trained_run}", "data.max_train_images=16",
+                                             cache_dir=cache_dir))
+    run_dir = train.train(cfg, tmp_path / "run")
+    assert "kept the model continued from" in capsys.readouterr().out
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["epoch"] == 0
+    (start, _), (kept, _) = model.load_model(trained_run), model.load_model(run_dir)
+    weights = lambda m: [keras.ops.convert_to_numpy(w) for w in m.trainable_weights]  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(weights(start), weights(kept), strict=True))
+    root, items, _, _ = evaluate.held_out_items(run_dir, None, "sensitive")
+    report, _ = evaluate.evaluate(Recognizer.load(run_dir), items, root)
+    assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
+
+
 def test_only_sure_readings_become_labels_and_never_held_out_ones(tmp_path, monkeypatch):
     """Pseudo-labels are the readings at or above the threshold; they only ever join the training indices."""
     confidences = [0.99, 0.5, 0.97, 0.2]  # of four unlabelled images, told apart by their first pixel
