@@ -141,6 +141,11 @@ class HeldOutAccuracy(keras.callbacks.Callback):
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        logs.update(self.scores())
+        logs["epoch_seconds"] = round(time.perf_counter() - self.started, 1)
+
+    def scores(self):
+        """The model's held-out scores, after recomputing its BatchNorm statistics."""
         if len(self.batchnorm_images):
             recompute_batchnorm(self.model, self.batchnorm_images, self.batch_size)
         recognizer = Recognizer(keras_batch_function(self.model), self.metadata)
@@ -150,13 +155,11 @@ class HeldOutAccuracy(keras.callbacks.Callback):
         predicted = np.concatenate([data.encode([r.text for r in recognizer.read(self.images[c])], charset, length)
                                     for c in chunks])
         whole, per_position = np.all(predicted == self.truth, axis=1), np.mean(predicted == self.truth, axis=0)
-        logs[MONITOR] = float(np.mean(whole))
-        for position, accuracy in enumerate(per_position, 1):
-            logs[f"val_char_{position}_accuracy"] = float(accuracy)
         # Early stopping keeps the epoch that reads the most captchas whole, and among equals the
         # one that reads the most characters: a small set's first epochs read none whole, yet learn.
-        logs[SELECTION] = float(np.sum(whole) + np.mean(per_position))
-        logs["epoch_seconds"] = round(time.perf_counter() - self.started, 1)
+        return {MONITOR: float(np.mean(whole)),
+                **{f"val_char_{position}_accuracy": float(a) for position, a in enumerate(per_position, 1)},
+                SELECTION: float(np.sum(whole) + np.mean(per_position))}
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
@@ -595,10 +598,8 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     if source and heads and "start" not in progress:
         # A continued run never hands back a model worse than the one it started from: that model
         # is scored like an epoch, and an epoch must read the held-out split better to replace it.
-        logs = {}
         held_out.set_model(model)
-        held_out.on_epoch_begin(-1)
-        held_out.on_epoch_end(-1, logs)
+        logs = held_out.scores()
         early_stopping.start_from(logs[SELECTION], model.get_weights())
         progress["start"] = logs[MONITOR]
         data.write_atomically(progress_path, json.dumps(progress))
