@@ -40,6 +40,8 @@ import review
 from config import UserError, quiet_backend_startup, run
 
 DEFAULT_BATCH_SIZE = 64
+# The largest batch that a model computing in bfloat16 reads in float32 instead (see keras_batch_function).
+FLOAT32_BATCH_LIMIT = 8
 # A reading at least this confident is trusted: evaluate.py suspects the label of a wrong one, and a
 # review page calls the others unsure.
 SURE_CONFIDENCE = 0.9
@@ -132,10 +134,20 @@ def keras_batch_function(model):
     """A Keras model -> its run_batch. train.py scores the held-out split through it too, so that
     the score it records is the one evaluate.py reports.
 
+    A model computing in bfloat16 (on a CPU that has it natively) reads batches of at most
+    FLOAT32_BATCH_LIMIT images through a float32 copy of itself: bfloat16 pays on large batches,
+    float32 is faster on small ones (README, "One captcha at a time"). Which copy reads a batch
+    depends only on its padded size, so train.py and evaluate.py still read each image alike.
+
     predict_on_batch calls a compiled function already: a TensorFlow graph (XLA where Keras uses it,
     not on a CPU), a jitted JAX function. A bare tf.function of the model saved 0.2 ms a call, under
     1% of one captcha at 50x120 on a CPU, and read one captcha no faster: nothing is put around it."""
-    return model.predict_on_batch
+    if not any(layer.dtype_policy.compute_dtype == "bfloat16" for layer in model.layers):
+        return model.predict_on_batch
+    from model import with_precision
+
+    float32_model = with_precision(model, "float32")
+    return lambda batch: (float32_model if len(batch) <= FLOAT32_BATCH_LIMIT else model).predict_on_batch(batch)
 
 
 def padded_size(count, batch_size):

@@ -325,6 +325,26 @@ def test_a_huge_batch_size_pads_only_to_the_images_there_are():
     assert shapes == [512, 1]
 
 
+def test_a_bfloat16_model_reads_small_batches_through_a_float32_copy(trained_run, digits):
+    """bfloat16 is slow on one captcha; the float32 copy must read exactly as the float32 model does,
+    and a large batch must still be read in bfloat16."""
+    from model import load_model, with_precision
+
+    float32_model, metadata = load_model(trained_run)
+    bfloat16_model = with_precision(float32_model, "mixed_bfloat16")
+    run_batch = predict.keras_batch_function(bfloat16_model)
+    small, large = predict.FLOAT32_BATCH_LIMIT, 2 * predict.FLOAT32_BATCH_LIMIT
+    pixels = np.stack([data.decode_image(path, metadata["image_size"]) for path in data.find_images(digits)[:large]])
+
+    def gap(a, b):
+        return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+    assert gap(run_batch(pixels[:small]), float32_model.predict_on_batch(pixels[:small])) < 1e-6
+    assert gap(run_batch(pixels), bfloat16_model.predict_on_batch(pixels)) < 1e-6
+    assert gap(run_batch(pixels), float32_model.predict_on_batch(pixels)) > 1e-5  # the two precisions differ
+    assert predict.keras_batch_function(float32_model) == float32_model.predict_on_batch
+
+
 def test_output_files_are_checked_before_the_model_loads(trained_run, recognizer, known_folder, tmp_path, monkeypatch):
     monkeypatch.setattr(predict.Recognizer, "load", lambda *args: pytest.fail("the model loaded first"))
     errors = tmp_path / "errors.csv"
