@@ -2,7 +2,7 @@
 
     python bench/bench.py [--mode cpu|gpu] [--sets henan_4digit lzu_5digit synthetic mixed_4_5digit synthetic_4to6]
                           [--shared ../shared/data] [--out bench/results] [--set KEY=VALUE ...]
-                          [--exports onnx tflite]
+                          [--exports onnx onnx_int8 tflite]
 
 For each set it trains with train.py on the train split, scores the held-out split with
 evaluate.py, reads the same held-out images with ddddocr (case-insensitively), and times
@@ -41,6 +41,11 @@ SETS = {  # folders relative to --shared; labels_clean scores where the publishe
     "mixed_4_5digit": {"pool": ("henan_4digit", "lzu_5digit"), "length": "4-5", "epochs": {"cpu": 3}},
     "synthetic_4to6": {"synth": 10_000, "length": "4-6", "image_size": [64, 160], "epochs": {"cpu": 10}},
 }
+
+
+# --exports: name -> (file in RUN_DIR/export/, export.py's arguments)
+EXPORTS = {"onnx": ("model.onnx", ["--format", "onnx"]), "onnx_int8": ("model.int8.onnx", ["--format", "onnx", "--int8"]),
+           "tflite": ("model.tflite", ["--format", "tflite"])}
 
 
 def python(script, *args, log, stdout=None):
@@ -108,16 +113,23 @@ def earlier_seconds(run_dir):
 
 
 def timing_model(shared, out, settings=()):
-    """-> (run directory, its ONNX export): a model at the default input to time reading with,
+    """-> (run directory, {"onnx": its ONNX export, "onnx_int8": its 8-bit one}): a model at the default
+    input to time reading with,
     trained one epoch (two steps) on 64 henan_4digit captchas, as speed does not depend on the weights;
     settings: train.py's, e.g. another model.backbone."""
     spec = dict(SETS["henan_4digit"], data_dir=shared / "henan_4digit")
     out.mkdir(parents=True, exist_ok=True)
     stage(out / "train.json", lambda: train(spec, shared, out, "cpu", "data.max_train_images=64", "train.epochs=1",
                                             "train.min_steps=0", *settings))
-    stage(out / "export_onnx.json", lambda: {"seconds": round(python(
-        "export.py", "--model", out / "run", "--format", "onnx", log=out / "export_onnx.log"), 1)})
-    return out / "run", out / "run" / "export" / "model.onnx"
+    return out / "run", {name: exported(out / "run", out, name) for name in ("onnx", "onnx_int8")}
+
+
+def exported(run_dir, out, name):
+    """The export `name` of EXPORTS of run_dir, made once (timed under out)."""
+    file, arguments = EXPORTS[name]
+    stage(out / f"export_{name}.json", lambda: {"seconds": round(python(
+        "export.py", "--model", run_dir, *arguments, log=out / f"export_{name}.log"), 1)})
+    return run_dir / "export" / file
 
 
 def on_this_machine(measure):
@@ -151,6 +163,18 @@ def held_out(run_dir, labels=None):
         table, _ = data.read_labels_csv(labels, root)
         split = {name: table[name] for name in split}
     return root, split
+
+
+def export_accuracy(run_dir, model, labels=None):
+    """An export's whole-string accuracy on the run's held-out split (evaluate.py reads a run's own split
+    only through its Keras model)."""
+    from predict import Recognizer
+
+    root, split = held_out(run_dir, labels)
+    names = sorted(split)
+    readings = Recognizer.load(model).predict([root / name for name in names])
+    right = sum(reading.text == split[name] for reading, name in zip(readings, names))
+    return {"whole_string_accuracy": right / len(names), "count": len(names), "correct": right}
 
 
 def ddddocr_accuracy(run_dir, labels=None, by_source=False):
@@ -244,7 +268,7 @@ def label_noise(run_dir, out, published, clean):
             "false_flags": len(flagged - wrong)}
 
 
-def bench_set(name, spec, shared, out, mode, settings=(), exports=("onnx", "tflite")):
+def bench_set(name, spec, shared, out, mode, settings=(), exports=("onnx", "onnx_int8", "tflite")):
     out.mkdir(parents=True, exist_ok=True)
     if "synth" in spec:
         spec["data_dir"] = out / "images"
@@ -270,11 +294,10 @@ def bench_set(name, spec, shared, out, mode, settings=(), exports=("onnx", "tfli
             run_dir, out, shared / spec["labels"], "evaluate_published"))
         result["label_noise"] = stage(out / "label_noise.json", lambda: label_noise(
             run_dir, out, shared / spec["labels"], clean))
-    models = {"keras": run_dir}
-    for form in exports:
-        models[form] = run_dir / "export" / f"model.{form}"
-        result[f"export_{form}"] = stage(out / f"export_{form}.json", lambda: {"seconds": round(python(
-            "export.py", "--model", run_dir, "--format", form, log=out / f"export_{form}.log"), 1)})
+    models = {"keras": run_dir, **{name: exported(run_dir, out, name) for name in exports}}
+    if "onnx_int8" in exports:  # the one export whose readings may differ from the Keras model's
+        result["ours_onnx_int8"] = stage(out / "ours_onnx_int8.json",
+                                         lambda: export_accuracy(run_dir, models["onnx_int8"], clean))
     result["speed"] = stage(out / "speed.json", lambda: speed(run_dir, folder, out, models))
     return result
 
@@ -297,6 +320,10 @@ def table(results):
                                   f"({row['correct']}/{row['count']})" for row in r["ours"]["accuracy_by_length"])
             misread = sum(c["count"] for c in r["ours"]["length_confusion"] if c["true"] != c["read"])
             lines.append(f"\n{r['set']}: ours by true length: {by_length}; {misread} read at another length.")
+        if "ours_onnx_int8" in r:
+            int8 = r["ours_onnx_int8"]
+            lines.append(f"{r['set']}: the ONNX int8 export reads {percent(int8['whole_string_accuracy'])} "
+                         f"({int8['correct']}/{int8['count']}) of the held-out split.")
         if "ours_by_source" in r:
             lines.append(f"{r['set']} by source, ours / ddddocr: " + ", ".join(
                 f"{source} {percent(v['whole_string_accuracy'])} ({v['correct']}/{v['count']}) / "
@@ -320,8 +347,8 @@ def main():
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     add_settings_argument(parser, "every set")
-    parser.add_argument("--exports", nargs="*", choices=("onnx", "tflite"), default=["onnx", "tflite"],
-                        help="the exports to time beside the Keras model (both need TensorFlow)")
+    parser.add_argument("--exports", nargs="*", choices=list(EXPORTS), default=list(EXPORTS),
+                        help="the exports to time beside the Keras model (each needs TensorFlow)")
     args = parser.parse_args()
     out = args.out.resolve() / args.mode  # absolute: a pooled set's labels are joined onto --shared
     results = [bench_set(name, dict(SETS[name]), args.shared.resolve(), out / name, args.mode, args.set, args.exports)

@@ -9,6 +9,9 @@ folder speed, in the same process: the same readers taking turns on 128 captchas
 The model (Keras and its ONNX export) is trained once for timing under --out/timing; each
 measurement is kept under --out/latency, and a rerun skips what is kept: delete a file to measure
 it again. Needs `pip install ddddocr==1.6.1`.
+
+On a CPU that computes bfloat16 natively it also times the Keras model on one batch of each padded
+size in float32 and in bfloat16, interleaved: the measurement behind predict.FLOAT32_BATCH_LIMIT.
 """
 import argparse
 import statistics
@@ -16,24 +19,25 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from bench import ROOT, add_settings_argument, on_this_machine, stage, timing_model
 
 import data  # noqa: E402  (bench puts the repository on the path)
-from predict import Recognizer  # noqa: E402
+from predict import DEFAULT_BATCH_SIZE, Recognizer  # noqa: E402
 
 FOLDER_IMAGES = 128  # two batches of 64 for ours
 FOLDER_ROUNDS = 8  # short turns in a rotating order, so that a change of load falls on every reader
 
 
-def readers(run_dir, onnx):
+def readers(run_dir, exports):
     """name -> function reading one captcha's bytes; and name -> function reading a list of them."""
     import ddddocr
 
-    keras, exported = Recognizer.load(run_dir), Recognizer.load(onnx)
+    ours = {"keras": Recognizer.load(run_dir), **{name: Recognizer.load(path) for name, path in exports.items()}}
     ocr = ddddocr.DdddOcr(show_ad=False)
-    one = {"keras": lambda image: keras.predict([image]), "onnx": lambda image: exported.predict([image]),
+    one = {**{name: (lambda image, r=recognizer: r.predict([image])) for name, recognizer in ours.items()},
            "ddddocr": ocr.classification}
-    many = {"keras": keras.predict, "onnx": exported.predict,
+    many = {**{name: recognizer.predict for name, recognizer in ours.items()},
             "ddddocr": lambda images: [ocr.classification(image) for image in images]}
     return one, many
 
@@ -66,7 +70,8 @@ def latency(one, images, rounds):
 
 def folder_speed(many, images):
     seconds = {name: 0.0 for name in many}
-    many["keras"](images[:64]), many["onnx"](images[:64])  # warm
+    for name in many:  # warm
+        many[name](images[:64])
     for r in range(FOLDER_ROUNDS):
         for name in list(many)[r % len(many):] + list(many)[:r % len(many)]:
             start = time.perf_counter()
@@ -77,6 +82,31 @@ def folder_speed(many, images):
             "ratio_to_ddddocr": {name: round(rate / rates["ddddocr"], 2) for name, rate in rates.items()}}
 
 
+def precision_by_batch_size(run_dir, images, rounds):
+    """Median ms of one batch of each padded size (1, 2, 4, ... DEFAULT_BATCH_SIZE) for the Keras model
+    in float32 and in bfloat16, called directly (not through keras_batch_function, which picks one)."""
+    from model import cpu_has_native_bfloat16, load_model, with_precision
+
+    if not cpu_has_native_bfloat16():
+        return {"skipped": "this CPU has no native bfloat16: models are trained and read in float32"}
+    float32_model, metadata = load_model(run_dir)
+    models = {"float32": float32_model, "bfloat16": with_precision(float32_model, "mixed_bfloat16")}
+    pixels = np.stack([data.decode_image(image, metadata["image_size"]) for image in images[:DEFAULT_BATCH_SIZE]])
+    sizes, result = [1 << i for i in range(DEFAULT_BATCH_SIZE.bit_length())], {}
+    for size in sizes:
+        batch = pixels[np.arange(size) % len(pixels)]
+        for model in models.values():  # the first call of a shape builds its graph: not timed
+            model.predict_on_batch(batch)
+        times = {name: [] for name in models}
+        for r in range(rounds):
+            for name in list(models)[r % 2:] + list(models)[:r % 2]:
+                start = time.perf_counter()
+                models[name].predict_on_batch(batch)
+                times[name].append(time.perf_counter() - start)
+        result[size] = {name: round(1000 * statistics.median(t), 2) for name, t in times.items()}
+    return {"rounds": rounds, "median_ms_per_batch": result}
+
+
 def where(result):
     m = result["machine"]
     return (f"commit {m['commit']}, {m['cpu']}, {m['cores']} cores, {m['date']}; load average "
@@ -85,13 +115,23 @@ def where(result):
 
 def table(lat, speed):
     calls = {"keras": "`Recognizer.load(run).predict([image])`", "onnx": "the same, ONNX export",
-             "ddddocr": "`ddddocr.classification(image)`"}
+             "onnx_int8": "the same, ONNX export --int8", "ddddocr": "`ddddocr.classification(image)`"}
     lines = [where(lat), "", "| call | median ms | p99 ms | fastest ms | median vs ddddocr |", "|---|---|---|---|---|"]
     lines += [f"| {calls[name]} | {t['median_ms']} | {t['p99_ms']} | {t['fastest_ms']} | {t['median_vs_ddddocr']}x |"
               for name, t in lat["calls"].items()]
     rates, ratios = speed["images_per_second"], speed["ratio_to_ddddocr"]
     lines += ["", f"folder of {speed['images']} captchas, images/s: "
               + ", ".join(f"{name} {rates[name]} ({ratios[name]}x)" for name in rates) + "; " + where(speed)]
+    return "\n".join(lines)
+
+
+def precision_table(by_size):
+    if "skipped" in by_size:
+        return f"precision by batch size: skipped, {by_size['skipped']}"
+    lines = [f"Keras model, median ms per batch ({by_size['rounds']} calls each); {where(by_size)}", "",
+             "| batch | float32 | bfloat16 | bfloat16 / float32 |", "|---|---|---|---|"]
+    lines += [f"| {size} | {ms['float32']} | {ms['bfloat16']} | {ms['bfloat16'] / ms['float32']:.2f} |"
+              for size, ms in by_size["median_ms_per_batch"].items()]
     return "\n".join(lines)
 
 
@@ -104,14 +144,16 @@ def main():
     add_settings_argument(parser, "the timed model")
     args = parser.parse_args()
     shared = args.shared.resolve()
-    run_dir, onnx = timing_model(shared, args.out / "timing", args.set)
+    run_dir, exports = timing_model(shared, args.out / "timing", args.set)
     paths = data.find_images(shared / "henan_4digit" / "OCR_Dataset")
     images = [path.read_bytes() for path in paths[:max(args.images, FOLDER_IMAGES)]]
-    one, many = readers(run_dir, onnx)
+    one, many = readers(run_dir, exports)
     out = args.out / "latency"
     lat = stage(out / "latency.json", lambda: on_this_machine(lambda: latency(one, images[:args.images], args.rounds)))
     speed = stage(out / "folder.json", lambda: on_this_machine(lambda: folder_speed(many, images[:FOLDER_IMAGES])))
-    summary = table(lat, speed)
+    by_size = stage(out / "precision_by_batch_size.json",
+                    lambda: on_this_machine(lambda: precision_by_batch_size(run_dir, images, 4 * args.rounds)))
+    summary = table(lat, speed) + "\n\n" + precision_table(by_size)
     print(summary)
     data.write_atomically(out / "results.md", summary + "\n")
 

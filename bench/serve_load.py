@@ -3,7 +3,7 @@
     python bench/serve_load.py [--clients 1 8 32] [--requests 160] [--rounds 3] [--shared ../shared/data]
                                [--out bench/results] [--set KEY=VALUE ...]
 
-Starts serve.py with the timing model (Keras, and its ONNX export; see bench/latency.py) and ddddocr's
+Starts serve.py with the timing model (Keras, and its ONNX exports, float32 and int8; see bench/latency.py) and ddddocr's
 own server (bench/ddddocr_server.py: `python -m ddddocr api`, whose every OCR request fails as 1.6.1
 ships it, with that bug worked around), each on a free port of 127.0.0.1 with its own defaults. For each
 number of clients, the servers take turns, in an order that rotates, for --rounds rounds: each
@@ -58,10 +58,10 @@ def start(stack, name, command, port, log):
     raise SystemExit(f"{name} server did not answer in 300 s; see {log}")
 
 
-def servers(stack, run_dir, onnx, out):
+def servers(stack, run_dir, exports, out):
     """name -> port of each server, started."""
     commands = {"keras": [sys.executable, "serve.py", "--model", run_dir],
-                "onnx": [sys.executable, "serve.py", "--model", onnx],
+                **{name: [sys.executable, "serve.py", "--model", path] for name, path in exports.items()},
                 "ddddocr": [sys.executable, "bench/ddddocr_server.py"]}
     ports = {}
     for name, command in commands.items():
@@ -144,7 +144,8 @@ def level(ports, bodies, clients, requests, rounds):
 
 def table(levels):
     lines = ["| clients | server | requests/s | vs ddddocr | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|---|"]
-    names = {"keras": "serve.py, Keras", "onnx": "serve.py, ONNX", "ddddocr": "ddddocr api"}
+    names = {"keras": "serve.py, Keras", "onnx": "serve.py, ONNX", "onnx_int8": "serve.py, ONNX int8",
+             "ddddocr": "ddddocr api"}
     for result in levels:
         for name, s in result["servers"].items():
             lines.append(f"| {result['clients']} | {names[name]} | {s['requests_per_second']} | {s['vs_ddddocr']}x | "
@@ -167,7 +168,7 @@ def main():
     add_settings_argument(parser, "the timed model")
     args = parser.parse_args()
     shared = args.shared.resolve()
-    run_dir, onnx = timing_model(shared, args.out / "timing", args.set)
+    run_dir, exports = timing_model(shared, args.out / "timing", args.set)
     paths = data.find_images(shared / "henan_4digit" / "OCR_Dataset")[:IMAGES]
     bodies = [json.dumps({"image": base64.b64encode(path.read_bytes()).decode()}) for path in paths]
     out = args.out / "serve"
@@ -178,7 +179,7 @@ def main():
         for clients in args.clients:
             path = out / f"clients_{clients}.json"
             if ports is None and not path.exists():
-                ports = servers(stack, run_dir, onnx, out)
+                ports = servers(stack, run_dir, exports, out)
             levels.append(stage(path, lambda: on_this_machine(
                 lambda: level(ports, bodies, clients, args.requests, args.rounds))))
     summary = table(levels)

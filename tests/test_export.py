@@ -150,3 +150,38 @@ def test_user_errors_are_one_line(exports, trained_run, held_out, tmp_path):
     shutil.copy(predict.export_metadata_path(exports["onnx"][0]), tmp_path / "text.onnx.json")
     with pytest.raises(UserError, match="is not an ONNX model"):
         predict.Recognizer.load(tmp_path / "text.onnx")
+
+
+def test_an_int8_onnx_export_is_quantized_checked_on_texts_and_read_by_predict(exports, keras_model, trained_run,
+                                                                                held_out):
+    printed = run_export("--model", trained_run, "--format", "onnx", "--int8")
+    path = trained_run / "export" / "model.int8.onnx"
+    assert "parity check passed: onnx int8 export vs float32 Keras model on 12 held-out images" in printed
+    metadata = json.loads(predict.export_metadata_path(path).read_text())
+    assert metadata["quantized"] == "int8" and metadata["parity"]["agreement"] == export.INT8_AGREEMENT
+    assert metadata["parity"]["sure_text_mismatches"] <= (1 - export.INT8_AGREEMENT) * metadata["parity"]["sure_samples"]
+    # 8-bit weights: about a quarter of the float32 export's size.
+    assert path.stat().st_size < 0.4 * exports["onnx"][0].stat().st_size
+    readings = predict.Recognizer.load(path).predict(held_out)
+    assert [len(r.position_confidences) for r in readings] == [4] * len(held_out)
+    assert all(r.text and set(r.text) <= set("0123456789") and 0 <= r.confidence <= 1 for r in readings)
+
+
+def test_an_int8_export_that_reads_sure_captchas_otherwise_is_refused(trained_run, monkeypatch, tmp_path):
+    """The tiny model is sure of nothing, and its int8 copy reads many of its held-out images otherwise:
+    counted as sure, they fail the check."""
+    monkeypatch.setattr(export, "SURE_CONFIDENCE", 0.0)
+    out = tmp_path / "model.onnx"
+    with pytest.raises(UserError, match=r"parity check failed, nothing written: onnx int8 export .* of the 12 it is "
+                                        r"sure of \(at most 1% may\)"):
+        run_export("--model", trained_run, "--format", "onnx", "--int8", "--out", out)
+    assert not list(tmp_path.iterdir())
+
+
+def test_int8_needs_onnx_and_the_run_s_training_images(trained_run, tmp_path):
+    with pytest.raises(UserError, match="--int8 is for --format onnx, not tflite"):
+        export.main(["--model", str(trained_run), "--format", "tflite", "--int8"])
+    shutil.copy(trained_run / "model.keras", tmp_path / "model.keras")
+    assert_one_line_error(run_in_process("export.py", "--model", tmp_path / "model.keras", "--format", "onnx",
+                                         "--int8"), "calibrates on the run's training images")
+    assert not (tmp_path / "export" / "model.int8.onnx").exists()
