@@ -145,6 +145,8 @@ def validate(cfg):
     bounds = [("data.max_train_images", data["max_train_images"] >= 0),
               ("data.test_fraction", 0 < data["test_fraction"] < 1),
               ("model.dropout", 0 <= model["dropout"] < 1), ("train.epochs", train["epochs"] >= 1),
+              ("model.synthetic_images", model["synthetic_images"] >= 10),
+              ("model.synthetic_epochs", model["synthetic_epochs"] >= 1),
               ("train.batch_size", train["batch_size"] >= 1), ("train.learning_rate", train["learning_rate"] > 0),
               ("train.patience", train["patience"] >= 0), ("train.label_smoothing", 0 <= train["label_smoothing"] < 1),
               ("train.weight_decay", train["weight_decay"] >= 0),

@@ -268,7 +268,7 @@ def resolved(cfg):
         if cfg["data"][key]:
             cfg["data"][key] = os.path.abspath(cfg["data"][key])
     cfg["data"]["cache_dir"] = os.path.abspath(os.path.expanduser(cfg["data"]["cache_dir"]))
-    if cfg["model"]["weights"] not in ("imagenet", "none"):
+    if cfg["model"]["weights"] not in ("imagenet", "none", "synthetic"):
         cfg["model"]["weights"] = os.path.abspath(cfg["model"]["weights"])
     return cfg
 
@@ -504,8 +504,8 @@ def with_pseudo_labels(model, dataset, unlabelled, metadata, round_, threshold, 
 
 def continued_run(m):
     """The finished run that model.weights names, by its directory or its .keras file ->
-    {path, charset, length}; None when model.weights is imagenet, none or a backbone weights file."""
-    if m["weights"] in ("imagenet", "none"):
+    {path, charset, length}; None when model.weights is imagenet, none, synthetic or a backbone weights file."""
+    if m["weights"] in ("imagenet", "none", "synthetic"):
         return None
     path = Path(m["weights"])
     if not (path.is_dir() or path.suffix == ".keras"):
@@ -518,6 +518,37 @@ def continued_run(m):
         raise UserError(f"model.weights: {path} was trained with model.backbone={metadata['backbone']}, not "
                         f"{m['backbone']}; set model.backbone={metadata['backbone']} to continue from it")
     return {"path": str(model_path(path)), "charset": metadata["charset"], "lengths": data.model_lengths(metadata)}
+
+
+def pretrained_on_synthetic(cfg, dataset):
+    """model.weights=synthetic -> a finished run on model.synthetic_images captchas that data.synthesize
+    draws in the set's charset and lengths, trained from random initialisation with the other settings of
+    cfg: the start a few hundred labels lack without ImageNet weights (README, "Label fewer captchas").
+    Kept under data.cache_dir and reused for the same charset, lengths, input size, backbone and
+    synthetic settings; killed, it resumes like any run."""
+    d, m = cfg["data"], cfg["model"]
+    height, width = dataset["image_size"]
+    what = {"charset": dataset["charset"], "length": d["length"], "image_size": [height, width],
+            "backbone": m["backbone"], "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": d["seed"]}
+    folder = Path(d["cache_dir"]) / "synthetic" / hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    run_dir = folder / "run"
+    if (run_dir / MODEL_FILE).exists():
+        print(f"model.weights=synthetic: continuing from {run_dir}, trained earlier on {m['synthetic_images']} "
+              f"synthetic captchas")
+        return run_dir
+    images = folder / "images"
+    if not images.exists():  # drawn 64 pixels high, the captcha package's scale, in the input's shape
+        data.synthesize(folder / "images.partial", m["synthetic_images"], d["length"], dataset["charset"],
+                        (64, round(64 * width / height)), d["seed"])
+        os.replace(folder / "images.partial", images)
+    synthetic = json.loads(json.dumps(cfg))
+    synthetic["data"].update(dir=str(images), labels=None, label_pattern=None, charset=dataset["charset"],
+                             case="sensitive", image_size=[height, width], max_train_images=0, unlabelled=None)
+    synthetic["model"]["weights"] = "none"
+    synthetic["train"]["epochs"] = m["synthetic_epochs"]
+    print(f"model.weights=synthetic: first training on {m['synthetic_images']} synthetic captchas of the set's "
+          f"charset and lengths, {m['synthetic_epochs']} epochs, in {run_dir}")
+    return train(synthetic, run_dir)
 
 
 def relative_name(path, root):
@@ -551,6 +582,8 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     run_dir, resuming = choose_run_dir(cfg, run_dir)
     source = continued_run(m)
     dataset = prepare_data(cfg, source["charset"] if source else None)
+    if m["weights"] == "synthetic":
+        source = continued_run({**m, "weights": pretrained_on_synthetic(cfg, dataset)})
     unlabelled = read_unlabelled(cfg, dataset) if d["unlabelled"] else None
     lock_run_dir(run_dir)
     # Again, under the lock: another process may have started this run, or even finished it, meanwhile.

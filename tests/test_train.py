@@ -378,3 +378,28 @@ def test_run_dir_or_config_paths_of_the_wrong_kind_are_one_clear_line(tmp_path, 
         train.main(["--config", str(tmp_path), *settings])
     with pytest.raises(config.UserError, match=f"label file {tmp_path} cannot be read: Is a directory"):
         train.main(["--run-dir", str(tmp_path / "run"), *settings, "--set", f"data.labels={tmp_path}"])
+
+
+def test_synthetic_weights_train_once_on_drawn_captchas_of_the_charset_then_start_from_them(tmp_path, digits, capsys):
+    cache = tmp_path / "cache"  # its own: the drawn captchas and their run are kept there
+    folder = copy_digits(digits, tmp_path / "few", 40)
+    cfg = tiny_config(folder, cache, "model.weights=synthetic", "model.synthetic_images=64",
+                      "model.synthetic_epochs=1", "train.epochs=1", "data.charset=0123456789")
+    first = train.train(cfg, tmp_path / "first")
+    printed = capsys.readouterr().out
+    assert "first training on 64 synthetic captchas of the set's charset and lengths" in printed
+    (pretrained,) = (cache / "synthetic").glob("*/run")
+    synthetic_metadata = json.loads((pretrained / "metadata.json").read_text())
+    assert synthetic_metadata["charset"] == "0123456789" and synthetic_metadata["length"] == 4
+    assert synthetic_metadata["initialisation"] == "random" and synthetic_metadata["image_size"] == [32, 64]
+    images = data.find_images(pretrained.parent / "images")
+    assert len(images) == 64 and all(len(path.stem.split("_")[0]) == 4 for path in images)
+    assert Image.open(images[0]).size == (128, 64)  # drawn 64 high, in the input's 1:2 shape
+    metadata = json.loads((first / "metadata.json").read_text())
+    assert metadata["continued_from"] == {"model": str(pretrained / "model.keras"), "heads": "kept"}
+    assert metadata["initialisation"] == f"{pretrained / 'model.keras'} (every layer)"
+
+    train.train(cfg, tmp_path / "second")  # the same set again: the synthetic run is reused, not redone
+    printed = capsys.readouterr().out
+    assert f"continuing from {pretrained}, trained earlier" in printed and "first training on" not in printed
+    assert len(list((cache / "synthetic").iterdir())) == 1
