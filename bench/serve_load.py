@@ -29,6 +29,7 @@ from pathlib import Path
 from bench import ROOT, add_settings_argument, on_this_machine, stage, timing_model
 
 import data  # noqa: E402  (bench puts the repository on the path)
+from serve import DEFAULT_BATCH_WAIT_MS  # noqa: E402
 
 IMAGES = 40
 
@@ -58,10 +59,11 @@ def start(stack, name, command, port, log):
     raise SystemExit(f"{name} server did not answer in 300 s; see {log}")
 
 
-def servers(stack, run_dir, exports, out):
+def servers(stack, run_dir, exports, out, batch_wait_ms):
     """name -> port of each server, started."""
-    commands = {"keras": [sys.executable, "serve.py", "--model", run_dir],
-                **{name: [sys.executable, "serve.py", "--model", path] for name, path in exports.items()},
+    ours = ["serve.py", "--batch-wait-ms", batch_wait_ms, "--model"]
+    commands = {"keras": [sys.executable, *ours, run_dir],
+                **{name: [sys.executable, *ours, path] for name, path in exports.items()},
                 "ddddocr": [sys.executable, "bench/ddddocr_server.py"]}
     ports = {}
     for name, command in commands.items():
@@ -153,7 +155,8 @@ def table(levels):
     lines.append("")
     for result in levels:
         m = result["machine"]
-        lines.append(f"{result['clients']} clients: commit {m['commit']}, {m['cpu']}, {m['cores']} cores, {m['date']}; "
+        lines.append(f"{result['clients']} clients, serve.py --batch-wait-ms "
+                     f"{result.get('batch_wait_ms', DEFAULT_BATCH_WAIT_MS):g}: commit {m['commit']}, {m['cpu']}, {m['cores']} cores, {m['date']}; "
                      f"load average {m['load_before'][0]:.1f} before, {m['load_after'][0]:.1f} after")
     return "\n".join(lines)
 
@@ -165,13 +168,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
+                        help="serve.py's --batch-wait-ms; another than its default is kept under --out/serve_wait_MS")
     add_settings_argument(parser, "the timed model")
     args = parser.parse_args()
     shared = args.shared.resolve()
     run_dir, exports = timing_model(shared, args.out / "timing", args.set)
     paths = data.find_images(shared / "henan_4digit" / "OCR_Dataset")[:IMAGES]
     bodies = [json.dumps({"image": base64.b64encode(path.read_bytes()).decode()}) for path in paths]
-    out = args.out / "serve"
+    out = args.out / ("serve" if args.batch_wait_ms == DEFAULT_BATCH_WAIT_MS else f"serve_wait_{args.batch_wait_ms:g}")
     out.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
         ports = None
@@ -179,9 +184,10 @@ def main():
         for clients in args.clients:
             path = out / f"clients_{clients}.json"
             if ports is None and not path.exists():
-                ports = servers(stack, run_dir, exports, out)
+                ports = servers(stack, run_dir, exports, out, args.batch_wait_ms)
             levels.append(stage(path, lambda: on_this_machine(
-                lambda: level(ports, bodies, clients, args.requests, args.rounds))))
+                lambda: {**level(ports, bodies, clients, args.requests, args.rounds),
+                         "batch_wait_ms": args.batch_wait_ms})))
     summary = table(levels)
     print(summary)
     data.write_atomically(out / "results.md", summary + "\n")
