@@ -14,8 +14,8 @@ held-out images of the run (or 100 fixed random images when those cannot be foun
 give the same text, and probabilities within PARITY_TOLERANCE, else nothing is written.
 
 --int8 (ONNX only) quantizes the weights and activations to 8-bit integers, calibrated on up to
-CALIBRATION_IMAGES of the run's training images: a smaller model, read two to three times faster on a
-CPU with 8-bit dot products (README, "Export"). Its probabilities differ more, so its check is on the
+CALIBRATION_IMAGES of the run's training images: a model a quarter of the size, read 1.7x (one
+captcha) to 2x (a folder) as fast on a CPU with AVX512-VNNI (README, "Export"). Its probabilities differ more, so its check is on the
 texts: they must agree on at least INT8_AGREEMENT of the samples the float32 model is sure of.
 """
 import argparse
@@ -52,7 +52,7 @@ PARITY_SAMPLES = 100
 PARITY_TOLERANCE = 1e-4
 # --int8: images whose activation ranges the 8-bit model is fitted to, and the share of the float32
 # model's sure readings (confidence >= SURE_CONFIDENCE) it must read alike. Xception on mixed_4_5digit,
-# 256 images: the int8 export read all 2,351 held-out captchas as the float32 model did.
+# 256 images: the int8 export read 99.79% of the 2,351 held-out captchas, the float32 model 99.74%.
 CALIBRATION_IMAGES = 256
 INT8_AGREEMENT = 0.99
 
