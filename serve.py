@@ -73,13 +73,17 @@ def too_large(max_bytes):
 
 async def read_batches(recognizer, queue, batch_size, batch_wait, stats):
     """Reads the queued (pixels, future) pairs: each model call takes what is queued when the
-    model is free, and what else arrives while requests keep coming, each within batch_wait
-    seconds of the one before, up to batch_size images."""
+    model is free, and, while a burst is under way (the call before read more than one image, or
+    more than one is queued), what else arrives, each within batch_wait seconds of the one before,
+    up to batch_size images. A lone client never waits: the wait cost it its length on every
+    request (README, "One captcha at a time")."""
     model_thread = ThreadPoolExecutor(1)
     loop = asyncio.get_running_loop()
+    last_batch = 0
     while True:
         batch = [await queue.get()]
-        while batch_wait and 1 + queue.qsize() < batch_size:
+        burst = last_batch > 1 or not queue.empty()
+        while batch_wait and burst and 1 + queue.qsize() < batch_size:
             queued = queue.qsize()
             await asyncio.sleep(batch_wait)
             if queue.qsize() == queued:  # nothing arrived: the burst is over
@@ -100,6 +104,7 @@ async def read_batches(recognizer, queue, batch_size, batch_wait, stats):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+        last_batch = len(batch)
         stats["model_calls"] += 1
         stats["images_read"] += len(batch)
         stats["largest_batch"] = max(stats["largest_batch"], len(batch))
