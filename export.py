@@ -19,7 +19,6 @@ captcha) to 2x (a folder) as fast on a CPU with AVX512-VNNI (README, "Export"). 
 texts: they must agree on at least INT8_AGREEMENT of the samples the float32 model is sure of.
 """
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -37,7 +36,7 @@ import tensorflow  # noqa: E402  (every format here is exported through TensorFl
 import data  # noqa: E402
 from evaluate import held_out_items  # noqa: E402
 from model import load_model, model_path  # noqa: E402
-from predict import (DEFAULT_BATCH_SIZE, EXPORT_LOADERS, SURE_CONFIDENCE, Recognizer,  # noqa: E402
+from predict import (DEFAULT_BATCH_SIZE, EXPORT_LOADERS, SURE_CONFIDENCE, Recognizer, decode_chunk,  # noqa: E402
                      export_metadata_path, keras_batch_function)
 
 # --format: (Keras's name for the format, default name in RUN_DIR/export/)
@@ -116,13 +115,11 @@ def calibration_images(model_arg, metadata):
                         f"export from the run directory, with its data folder in place") from None
     held_out = {Path(path) for path, _ in items}
     paths = [path for path in data.find_images(root) if path not in held_out]
-    pixels = []
-    for path in paths[::max(1, len(paths) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]:
-        with contextlib.suppress(data.ImageError):
-            pixels.append(data.decode_image(path, tuple(metadata["image_size"])))
-    if not pixels:
+    pixels, _ = decode_chunk(paths[::max(1, len(paths) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES],
+                             tuple(metadata["image_size"]))  # unreadable files are left out
+    if not len(pixels):
         raise UserError(f"--int8: no readable training images in {root} to calibrate on")
-    return np.stack(pixels)
+    return pixels
 
 
 def quantize_int8(path, calibration):

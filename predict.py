@@ -22,6 +22,7 @@ From Python:
 import argparse
 import contextlib
 import csv
+import functools
 import importlib
 import json
 import os
@@ -146,8 +147,8 @@ def keras_batch_function(model):
         return model.predict_on_batch
     from model import with_precision
 
-    float32_model = with_precision(model, "float32")
-    return lambda batch: (float32_model if len(batch) <= FLOAT32_BATCH_LIMIT else model).predict_on_batch(batch)
+    float32_copy = functools.cache(lambda: with_precision(model, "float32"))  # made at the first small batch only
+    return lambda batch: (float32_copy() if len(batch) <= FLOAT32_BATCH_LIMIT else model).predict_on_batch(batch)
 
 
 def padded_size(count, batch_size):
