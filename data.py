@@ -516,6 +516,22 @@ def synthesize(out, count, length=4, charset=SYNTH_CHARSET, size=SYNTH_SIZE, see
             generator.generate_image(label).save(out / f"{label}_{i:06d}.png")
 
 
+def undrawable(charset):
+    """The characters of charset that synthesize cannot draw: the captcha package's font has no glyph
+    for them (CJK, for one), and would draw each as the same empty box."""
+    import captcha.image
+    from PIL import ImageFont
+
+    font = ImageFont.truetype(captcha.image.DEFAULT_FONTS[0], 40)
+
+    def glyph(character):
+        mask = font.getmask(character)
+        return mask.size, bytes(mask)
+
+    no_glyph = glyph("\U0010FFFD")  # a private-use code point, which no font draws
+    return "".join(character for character in charset if glyph(character) == no_glyph)
+
+
 def parse_size(text):
     match = re.fullmatch(r"(\d+)x(\d+)", text)
     if not match:

@@ -7,7 +7,6 @@ input size and preprocessing travel inside the saved .keras file (entry captcha.
 import json
 import os
 import re
-import sys
 import zipfile
 from pathlib import Path
 
@@ -40,15 +39,15 @@ def preprocessing_for(backbone):
     return next((name for pattern, name in FAMILIES if re.match(pattern, backbone)), "minus_one_to_one")
 
 
-def build_model(image_size, length, num_classes, backbone="Xception", weights="imagenet", dropout=0.5,
-                weights_strict=False):
-    """-> (model, initialisation actually used: 'imagenet', 'random' or the weights file's path)."""
+def build_model(image_size, length, num_classes, backbone="Xception", weights="imagenet", dropout=0.5):
+    """-> (model, initialisation: 'imagenet', 'random' or the weights file's path). Raises
+    ImageNetUnavailable where the ImageNet weights are neither in ~/.keras/models nor downloadable."""
     height, width = image_size
     pixels = keras.Input((height, width, 3), dtype="uint8", name="pixels")
     scale, offset = PREPROCESSING[preprocessing_for(backbone)]
     # float32 whatever the policy: pixel values need more than bfloat16's 8 bits of precision.
     scaled = layers.Rescaling(list(scale), list(offset), dtype="float32", name="normalise")(pixels)
-    features, initialisation = build_backbone(backbone, weights, scaled, weights_strict)
+    features, initialisation = build_backbone(backbone, weights, scaled)
     x = layers.Dropout(dropout, name="dropout")(features)
     outputs = [layers.Dense(num_classes, activation="softmax", dtype="float32", name=f"char_{i}")(x)
                for i in range(1, length + 1)]
@@ -70,7 +69,11 @@ def copy_weights(source, target, heads):
                 layer.set_weights(source.get_layer(layer.name).get_weights())
 
 
-def build_backbone(backbone, weights, inputs, weights_strict):
+class ImageNetUnavailable(UserError):
+    pass
+
+
+def build_backbone(backbone, weights, inputs):
     """Passing the input as a tensor skips keras.applications' minimum-size check (71 for
     Xception): the network only needs each side to survive its 32x downsampling."""
     application = getattr(keras.applications, backbone)
@@ -92,12 +95,7 @@ def build_backbone(backbone, weights, inputs, weights_strict):
         message = (f"could not download the ImageNet weights of {backbone} ({str(e).split(' -- ')[-1]}). "
                    f"To use them offline, fetch {url.group(1) if url else 'the weights file'} on a machine with "
                    f"network and put it in ~/.keras/models/, or set model.weights to its path")
-        if weights_strict:
-            raise UserError(f"model.weights=imagenet: {message}") from None
-        print(f"WARNING: {message}. Training from random initialisation instead "
-              f"(set model.weights_strict=true to stop here).", file=sys.stderr)
-        network = application(include_top=False, weights=None, input_tensor=inputs, pooling="avg")
-        return network.output, "random"
+        raise ImageNetUnavailable(message) from None
     for layer in network.layers:
         layer.trainable = True
     return network.output, source and (source if source == "imagenet" else str(Path(source).resolve())) or "random"

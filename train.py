@@ -32,8 +32,8 @@ import keras  # noqa: E402
 
 import data  # noqa: E402
 from predict import Recognizer, keras_batch_function  # noqa: E402
-from model import (MODEL_FILE, build_model, copy_weights, load_model, model_path, preprocessing_for,  # noqa: E402
-                   read_metadata, recompute_batchnorm, resolve_precision, save_model, with_precision)
+from model import (MODEL_FILE, ImageNetUnavailable, build_model, copy_weights, load_model, model_path,  # noqa: E402
+                   preprocessing_for, read_metadata, recompute_batchnorm, resolve_precision, save_model, with_precision)
 
 MONITOR = "val_whole_string_accuracy"
 SELECTION = "val_selection_score"  # what early stopping maximises: see HeldOutAccuracy
@@ -520,6 +520,27 @@ def continued_run(m):
     return {"path": str(model_path(path)), "charset": metadata["charset"], "lengths": data.model_lengths(metadata)}
 
 
+def imagenet_or_fallback(m, dataset):
+    """model.weights=imagenet -> `imagenet` where the weights are in ~/.keras/models or can be downloaded
+    there (building the backbone once fetches them), else model.weights_fallback, with a warning."""
+    try:
+        build_model(dataset["image_size"], 1, 2, m["backbone"], "imagenet")
+        return "imagenet"
+    except ImageNetUnavailable as e:
+        if m["weights_fallback"] == "stop":
+            raise UserError(f"model.weights=imagenet: {e}") from None
+        fallback = m["weights_fallback"]
+        missing = fallback == "synthetic" and data.undrawable(dataset["charset"])
+        if missing:
+            fallback = "none"
+        print(f"WARNING: {e}. Starting from "
+              + (f"random initialisation instead, as the synthetic captchas cannot draw {missing!r}" if missing else
+                 "synthetic captchas of the set's charset and lengths instead" if fallback == "synthetic" else
+                 "random initialisation instead")
+              + " (model.weights_fallback: synthetic, none or stop).", file=sys.stderr)
+        return fallback
+
+
 def pretrained_on_synthetic(cfg, dataset):
     """model.weights=synthetic -> a finished run on model.synthetic_images captchas that data.synthesize
     draws in the set's charset and lengths, trained from random initialisation with the other settings of
@@ -536,6 +557,10 @@ def pretrained_on_synthetic(cfg, dataset):
         print(f"model.weights=synthetic: continuing from {run_dir}, trained earlier on {m['synthetic_images']} "
               f"synthetic captchas")
         return run_dir
+    missing = data.undrawable(dataset["charset"])
+    if missing:
+        raise UserError(f"model.weights=synthetic: the synthetic captchas cannot draw {missing!r}, which the charset "
+                        f"holds (their font has no glyph for it); set model.weights to imagenet, none or a weights file")
     images = folder / "images"
     if not images.exists():  # drawn 64 pixels high, the captcha package's scale, in the input's shape
         data.synthesize(folder / "images.partial", m["synthetic_images"], d["length"], dataset["charset"],
@@ -582,6 +607,8 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     run_dir, resuming = choose_run_dir(cfg, run_dir)
     source = continued_run(m)
     dataset = prepare_data(cfg, source["charset"] if source else None)
+    if m["weights"] == "imagenet":
+        m = {**m, "weights": imagenet_or_fallback(m, dataset)}
     if m["weights"] == "synthetic":
         source = continued_run({**m, "weights": pretrained_on_synthetic(cfg, dataset)})
     unlabelled = read_unlabelled(cfg, dataset) if d["unlabelled"] else None
@@ -603,7 +630,7 @@ def train(cfg, run_dir=None, extra_callbacks=()):
     batch_size, learning_rate = t["batch_size"] * replicas, t["learning_rate"] * math.sqrt(replicas)
     with scope():
         model, initialisation = build_model(image_size, longest, classes, m["backbone"],
-                                            "none" if source else m["weights"], m["dropout"], m["weights_strict"])
+                                            "none" if source else m["weights"], m["dropout"])
         if source:
             heads = (source["charset"], source["lengths"]) == (charset, (shortest, longest))
             copy_weights(load_model(source["path"])[0], model, heads)

@@ -155,21 +155,41 @@ def test_local_weights_file_is_loaded(tmp_path):
         model.build_model((32, 64), 4, 10, weights=str(tmp_path / "absent.h5"))
 
 
-def test_imagenet_download_failure_falls_back_or_stops(monkeypatch, capsys):
+def offline(monkeypatch):
+    """Every download fails, as Keras reports it where there is no network."""
     from keras.src.utils import file_utils
 
-    def offline(*args, **kwargs):
+    def fail(*args, **kwargs):
         raise Exception("URL fetch failure on https://example.invalid/xception_notop.h5: None -- "
                         "[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(file_utils, "get_file", offline)
-    _, initialisation = model.build_model((32, 64), 4, 10, weights="imagenet")
-    assert initialisation == "random"
-    warning = capsys.readouterr().err
-    assert "could not download the ImageNet weights" in warning and "~/.keras/models" in warning
-    assert "https://example.invalid/xception_notop.h5" in warning
+    monkeypatch.setattr(file_utils, "get_file", fail)
+
+
+def test_without_the_imagenet_weights_training_falls_back_as_configured_or_stops(monkeypatch, capsys):
+    offline(monkeypatch)
+    with pytest.raises(model.ImageNetUnavailable, match="could not download the ImageNet weights") as error:
+        model.build_model((32, 64), 4, 10, weights="imagenet")
+    assert "~/.keras/models" in str(error.value) and "https://example.invalid/xception_notop.h5" in str(error.value)
+    digits = {"image_size": (32, 64), "charset": "0123456789"}
+    fallback = lambda choice, dataset=digits: train.imagenet_or_fallback(  # noqa: E731
+        {"backbone": "MobileNet", "weights": "imagenet", "weights_fallback": choice}, dataset)
+    assert fallback("synthetic") == "synthetic"
+    assert "could not download the ImageNet weights" in capsys.readouterr().err
+    assert fallback("none") == "none"
+    assert "random initialisation instead" in capsys.readouterr().err
     with pytest.raises(config.UserError, match="model.weights=imagenet: could not download"):
-        model.build_model((32, 64), 4, 10, weights="imagenet", weights_strict=True)
+        fallback("stop")
+    # Captchas the synthetic ones cannot draw (no glyph in their font) start from random weights.
+    assert fallback("synthetic", {"image_size": (32, 64), "charset": "0123中"}) == "none"
+    assert "cannot draw '中'" in capsys.readouterr().err
+
+
+def test_synthetic_weights_refuse_a_charset_their_captchas_cannot_draw(tmp_path, digits):
+    cfg = tiny_config(copy_digits(digits, tmp_path / "few", 8), tmp_path / "cache", "model.weights=synthetic")
+    with pytest.raises(config.UserError, match="cannot draw '中文'"):
+        train.pretrained_on_synthetic(cfg, {"image_size": [32, 64], "charset": "0123中文"})
+    assert not (tmp_path / "cache" / "synthetic").exists()
 
 
 def test_early_stopping_counts_characters_while_no_captcha_is_read_whole(tmp_path):
@@ -380,7 +400,7 @@ def test_run_dir_or_config_paths_of_the_wrong_kind_are_one_clear_line(tmp_path, 
         train.main(["--run-dir", str(tmp_path / "run"), *settings, "--set", f"data.labels={tmp_path}"])
 
 
-def test_synthetic_weights_train_once_on_drawn_captchas_of_the_charset_then_start_from_them(tmp_path, digits, capsys):
+def test_synthetic_weights_train_once_are_reused_and_are_the_imagenet_fallback(tmp_path, digits, capsys, monkeypatch):
     cache = tmp_path / "cache"  # its own: the drawn captchas and their run are kept there
     folder = copy_digits(digits, tmp_path / "few", 40)
     cfg = tiny_config(folder, cache, "model.weights=synthetic", "model.synthetic_images=64",
@@ -399,7 +419,12 @@ def test_synthetic_weights_train_once_on_drawn_captchas_of_the_charset_then_star
     assert metadata["continued_from"] == {"model": str(pretrained / "model.keras"), "heads": "kept"}
     assert metadata["initialisation"] == f"{pretrained / 'model.keras'} (every layer)"
 
-    train.train(cfg, tmp_path / "second")  # the same set again: the synthetic run is reused, not redone
-    printed = capsys.readouterr().out
-    assert f"continuing from {pretrained}, trained earlier" in printed and "first training on" not in printed
+    # The same set again, with the ImageNet weights asked for where they cannot be had: by default it
+    # falls back to the synthetic start, and the synthetic run is reused, not redone.
+    offline(monkeypatch)
+    second = train.train({**cfg, "model": {**cfg["model"], "weights": "imagenet"}}, tmp_path / "second")
+    printed = capsys.readouterr()
+    assert "could not download the ImageNet weights" in printed.err
+    assert f"continuing from {pretrained}, trained earlier" in printed.out and "first training on" not in printed.out
+    assert json.loads((second / "metadata.json").read_text())["initialisation"] == metadata["initialisation"]
     assert len(list((cache / "synthetic").iterdir())) == 1
