@@ -529,15 +529,13 @@ def imagenet_or_fallback(m, dataset):
     except ImageNetUnavailable as e:
         if m["weights_fallback"] == "stop":
             raise UserError(f"model.weights=imagenet: {e}") from None
-        fallback = m["weights_fallback"]
+        fallback, why = m["weights_fallback"], ""
         missing = fallback == "synthetic" and data.undrawable(dataset["charset"])
         if missing:
-            fallback = "none"
-        print(f"WARNING: {e}. Starting from "
-              + (f"random initialisation instead, as the synthetic captchas cannot draw {missing!r}" if missing else
-                 "synthetic captchas of the set's charset and lengths instead" if fallback == "synthetic" else
-                 "random initialisation instead")
-              + " (model.weights_fallback: synthetic, none or stop).", file=sys.stderr)
+            fallback, why = "none", f", as the synthetic captchas cannot draw {missing!r}"
+        start = "synthetic captchas of the set's charset and lengths" if fallback == "synthetic" else "random weights"
+        print(f"WARNING: {e}. Starting from {start} instead{why} (model.weights_fallback: synthetic, none or stop).",
+              file=sys.stderr)
         return fallback
 
 

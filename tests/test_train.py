@@ -177,7 +177,7 @@ def test_without_the_imagenet_weights_training_falls_back_as_configured_or_stops
     assert fallback("synthetic") == "synthetic"
     assert "could not download the ImageNet weights" in capsys.readouterr().err
     assert fallback("none") == "none"
-    assert "random initialisation instead" in capsys.readouterr().err
+    assert "Starting from random weights instead" in capsys.readouterr().err
     with pytest.raises(config.UserError, match="model.weights=imagenet: could not download"):
         fallback("stop")
     # Captchas the synthetic ones cannot draw (no glyph in their font) start from random weights.
