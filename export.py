@@ -15,8 +15,9 @@ give the same text, and probabilities within PARITY_TOLERANCE, else nothing is w
 
 --int8 (ONNX only) quantizes the weights and activations to 8-bit integers, calibrated on up to
 CALIBRATION_IMAGES of the run's training images: a model a quarter of the size, read 1.7x (one
-captcha) to 2x (a folder) as fast on a CPU with AVX512-VNNI (README, "Export"). Its probabilities differ more, so its check is on the
-texts: they must agree on at least INT8_AGREEMENT of the samples the float32 model is sure of.
+captcha) to 2x (a folder) as fast on a CPU with AVX512-VNNI (README, "Export"). Its probabilities
+differ more, so its check is on the texts: they must agree on at least INT8_AGREEMENT of the samples
+the float32 model is sure of.
 """
 import argparse
 import json

@@ -557,8 +557,9 @@ def pretrained_on_synthetic(cfg, dataset):
         return run_dir
     missing = data.undrawable(dataset["charset"])
     if missing:
-        raise UserError(f"model.weights=synthetic: the synthetic captchas cannot draw {missing!r}, which the charset "
-                        f"holds (their font has no glyph for it); set model.weights to imagenet, none or a weights file")
+        raise UserError(f"model.weights=synthetic: the synthetic captchas cannot draw {missing!r}, which the "
+                        f"charset holds (their font has no glyph for it); set model.weights to imagenet, none or a "
+                        f"weights file")
     images = folder / "images"
     if not images.exists():  # drawn 64 pixels high, the captcha package's scale, in the input's shape
         data.synthesize(folder / "images.partial", m["synthetic_images"], d["length"], dataset["charset"],
