@@ -12,6 +12,10 @@ it again. Needs `pip install ddddocr==1.6.1`.
 
 On a CPU that computes bfloat16 natively it also times the Keras model on one batch of each padded
 size in float32 and in bfloat16, interleaved: the measurement behind predict.FLOAT32_BATCH_LIMIT.
+
+Last, which backbones could read one captcha in ddddocr's time through Keras at all: each of
+--backbones, untrained (speed does not depend on the weights), at the timed model's input size, and
+Xception at a smaller one, called on one captcha in float32, interleaved with ddddocr.classification.
 """
 import argparse
 import statistics
@@ -23,6 +27,7 @@ import numpy as np
 from bench import ROOT, add_settings_argument, on_this_machine, stage, timing_model
 
 import data  # noqa: E402  (bench puts the repository on the path)
+from model import read_metadata  # noqa: E402
 from predict import DEFAULT_BATCH_SIZE, Recognizer  # noqa: E402
 
 FOLDER_IMAGES = 128  # two batches of 64 for ours
@@ -107,6 +112,39 @@ def precision_by_batch_size(run_dir, images, rounds):
     return {"rounds": rounds, "median_ms_per_batch": result}
 
 
+def backbones_alone(backbones, image_size, images, rounds):
+    """Median ms of one captcha through each backbone's model, bare (predict_on_batch, the image already
+    decoded), against ddddocr.classification of the same captcha's bytes, interleaved."""
+    import ddddocr
+
+    from model import build_model
+
+    ocr = ddddocr.DdddOcr(show_ad=False)
+    timed = {name: (name, tuple(image_size)) for name in backbones}
+    timed["Xception, smaller input"] = ("Xception", (32, 80))  # under half the pixels of the default 50x120
+    models = {name: build_model(size, 4, 10, backbone, weights="none")[0] for name, (backbone, size) in timed.items()}
+    pixels = {name: np.stack([data.decode_image(image, size) for image in images])[:, None]
+              for name, (_, size) in timed.items()}
+    calls = {**{name: (lambda i, m=model, p=pixels[name]: m.predict_on_batch(p[i])) for name, model in models.items()},
+             "ddddocr": lambda i: ocr.classification(images[i])}
+    for i in range(len(images)):  # first calls build graphs: not timed
+        for call in calls.values():
+            call(i)
+    times = {name: [] for name in calls}
+    for r in range(rounds):
+        for i in range(len(images)):
+            shift = (r * len(images) + i) % len(calls)
+            for name in list(calls)[shift:] + list(calls)[:shift]:
+                start = time.perf_counter()
+                calls[name](i)
+                times[name].append(time.perf_counter() - start)
+    result = {name: {"input": list(timed[name][1]) if name in timed else [], "parameters": models[name].count_params() if name in models
+                     else None, **milliseconds(t)} for name, t in times.items()}
+    for name in result:
+        result[name]["median_vs_ddddocr"] = round(result[name]["median_ms"] / result["ddddocr"]["median_ms"], 2)
+    return {"images": len(images), "rounds": rounds, "calls": result}
+
+
 def where(result):
     m = result["machine"]
     return (f"commit {m['commit']}, {m['cpu']}, {m['cores']} cores, {m['date']}; load average "
@@ -135,12 +173,24 @@ def precision_table(by_size):
     return "\n".join(lines)
 
 
+def backbones_table(alone):
+    lines = [f"one captcha through each backbone alone, float32, {alone['rounds']} x {alone['images']} calls; "
+             f"{where(alone)}", "", "| model | input | parameters | median ms | p99 ms | median vs ddddocr |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {'x'.join(map(str, t['input'])) or '-'} | {t['parameters'] or '-'} | {t['median_ms']} | "
+              f"{t['p99_ms']} | {t['median_vs_ddddocr']}x |" for name, t in alone["calls"].items()]
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
     parser.add_argument("--images", type=int, default=40, help="captchas timed one at a time")
     parser.add_argument("--rounds", type=int, default=5, help="times each captcha is read by each reader")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--backbones", nargs="+", default=["Xception", "MobileNet", "MobileNetV2", "MobileNetV3Small",
+                                                            "EfficientNetB0", "ResNet50V2"],
+                        help="keras.applications models timed alone on one captcha")
     add_settings_argument(parser, "the timed model")
     args = parser.parse_args()
     shared = args.shared.resolve()
@@ -153,7 +203,9 @@ def main():
     speed = stage(out / "folder.json", lambda: on_this_machine(lambda: folder_speed(many, images[:FOLDER_IMAGES])))
     by_size = stage(out / "precision_by_batch_size.json",
                     lambda: on_this_machine(lambda: precision_by_batch_size(run_dir, images, 4 * args.rounds)))
-    summary = table(lat, speed) + "\n\n" + precision_table(by_size)
+    alone = stage(out / "backbones.json", lambda: on_this_machine(lambda: backbones_alone(
+        args.backbones, read_metadata(run_dir)["image_size"], images[:args.images], args.rounds)))
+    summary = table(lat, speed) + "\n\n" + precision_table(by_size) + "\n\n" + backbones_table(alone)
     print(summary)
     data.write_atomically(out / "results.md", summary + "\n")
 
