@@ -127,22 +127,10 @@ def backbones_alone(backbones, image_size, images, rounds):
               for name, (_, size) in timed.items()}
     calls = {**{name: (lambda i, m=model, p=pixels[name]: m.predict_on_batch(p[i])) for name, model in models.items()},
              "ddddocr": lambda i: ocr.classification(images[i])}
-    for i in range(len(images)):  # first calls build graphs: not timed
-        for call in calls.values():
-            call(i)
-    times = {name: [] for name in calls}
-    for r in range(rounds):
-        for i in range(len(images)):
-            shift = (r * len(images) + i) % len(calls)
-            for name in list(calls)[shift:] + list(calls)[:shift]:
-                start = time.perf_counter()
-                calls[name](i)
-                times[name].append(time.perf_counter() - start)
-    result = {name: {"input": list(timed[name][1]) if name in timed else [], "parameters": models[name].count_params() if name in models
-                     else None, **milliseconds(t)} for name, t in times.items()}
-    for name in result:
-        result[name]["median_vs_ddddocr"] = round(result[name]["median_ms"] / result["ddddocr"]["median_ms"], 2)
-    return {"images": len(images), "rounds": rounds, "calls": result}
+    result = latency(calls, range(len(images)), rounds)  # each call takes the captcha's number
+    for name, model in models.items():
+        result["calls"][name].update(input=list(timed[name][1]), parameters=model.count_params())
+    return result
 
 
 def where(result):
@@ -177,8 +165,8 @@ def backbones_table(alone):
     lines = [f"one captcha through each backbone alone, float32, {alone['rounds']} x {alone['images']} calls; "
              f"{where(alone)}", "", "| model | input | parameters | median ms | p99 ms | median vs ddddocr |",
              "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {'x'.join(map(str, t['input'])) or '-'} | {t['parameters'] or '-'} | {t['median_ms']} | "
-              f"{t['p99_ms']} | {t['median_vs_ddddocr']}x |" for name, t in alone["calls"].items()]
+    lines += [f"| {name} | {'x'.join(map(str, t.get('input', []))) or '-'} | {t.get('parameters') or '-'} | "
+              f"{t['median_ms']} | {t['p99_ms']} | {t['median_vs_ddddocr']}x |" for name, t in alone["calls"].items()]
     return "\n".join(lines)
 
 
