@@ -172,6 +172,14 @@ def test_concurrent_requests_are_read_together_and_each_gets_its_own_answer(serv
         "text"] == recognizer.predict([images[1]])[0].text
 
 
+def test_a_keras_model_served_on_a_cpu_points_to_its_faster_int8_export(server, trained_run):
+    from model import has_gpu
+
+    _, log = server
+    command = f"serve.py --model {trained_run / 'export' / 'model.int8.onnx'}"
+    assert (command in log.read_text()) == (not has_gpu()), log.read_text()
+
+
 def test_command_line_mistakes_are_one_line(tmp_path):
     assert_one_line_error(run_in_process("serve.py", "--model", tmp_path / "absent"), "no model at")
     assert_one_line_error(run_in_process("serve.py", "--model", tmp_path, "--batch-size", "0"), "--batch-size")
