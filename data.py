@@ -20,6 +20,7 @@ import re
 import string
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -357,6 +358,28 @@ def describe(bad, root, limit=3):
 
 def infer_charset(labels):
     return "".join(sorted(set("".join(labels))))
+
+
+# A run's model and the metadata inside it (model.save_model writes them): charset, length, input size, ...
+MODEL_FILE = "model.keras"
+METADATA_ENTRY = "captcha.json"
+
+
+def model_path(path):
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def read_metadata(path):
+    """A run directory's or .keras file's metadata, read without Keras."""
+    path = model_path(path)
+    if not path.exists():
+        raise UserError(f"no model at {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read(METADATA_ENTRY))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
+        raise UserError(f"{path} is not a model made by train.py (a .keras file carrying {METADATA_ENTRY})") from None
 
 
 def model_lengths(metadata):

@@ -22,7 +22,6 @@ from config import UserError, quiet_backend_startup, run
 quiet_backend_startup()
 import data  # noqa: E402
 import review  # noqa: E402
-from model import model_path  # noqa: E402
 from predict import DEFAULT_BATCH_SIZE, SURE_CONFIDENCE, Recognizer, check_output, read_files  # noqa: E402
 
 # A wrong reading this sure of itself is more often a wrong label than a wrong reading.
@@ -141,7 +140,8 @@ def evaluate(recognizer, items, root):
 def print_report(report, source, meta):
     percent = lambda x: "n/a" if x is None else f"{100 * x:.2f}%"  # noqa: E731
     print(f"data: {source}")
-    print(f"model: {meta['backbone']}, charset {meta['charset']!r}, "
+    print(f"model: {report['model']}{' (8-bit integers)' if meta.get('quantized') else ''}, {meta['backbone']}, "
+          f"charset {meta['charset']!r}, "
           f"length {data.shown_lengths(data.model_lengths(meta))}, "
           f"input {meta['image_size'][0]}x{meta['image_size'][1]}")
     print(f"scored {report['count']} images, skipped {report['skipped']}"
@@ -221,7 +221,7 @@ def main(argv=None):
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     report, rows = evaluate(recognizer, items, root)
-    report.update({"model": str(model_path(args.model)), "data": source})
+    report.update({"model": str(recognizer.source), "data": source})
     if args.errors:
         write_errors(args.errors, rows)
     if args.html:

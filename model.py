@@ -11,13 +11,12 @@ import zipfile
 from pathlib import Path
 
 from config import UserError, quiet_backend_startup
+from data import METADATA_ENTRY, model_path, read_metadata
 
 quiet_backend_startup()
 import keras  # noqa: E402
 from keras import layers  # noqa: E402
 
-MODEL_FILE = "model.keras"
-METADATA_ENTRY = "captcha.json"
 # How each backbone family expects its pixels: (scale, offset) applied to 0..255, per channel.
 # Backbones that contain their own preprocessing take the raw range.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -184,22 +183,6 @@ def save_model(model, path, metadata):
     with zipfile.ZipFile(partial, "a") as archive:
         archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2))
     os.replace(partial, path)
-
-
-def model_path(path):
-    path = Path(path)
-    return path / MODEL_FILE if path.is_dir() else path
-
-
-def read_metadata(path):
-    path = model_path(path)
-    if not path.exists():
-        raise UserError(f"no model at {path}")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read(METADATA_ENTRY))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
-        raise UserError(f"{path} is not a model made by train.py (a .keras file carrying {METADATA_ENTRY})") from None
 
 
 def load_model(path):

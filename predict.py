@@ -10,8 +10,11 @@ least confident first, to correct them into labels (see review.py). --least-conf
 only the N least confident readings, as a label CSV to correct: the captchas to label next.
 
 The model is a run directory, a .keras file, or an export made by export.py: X.onnx, X.tflite or a
-SavedModel folder, with its metadata beside it (X.onnx.json, ...). An ONNX model needs only onnxruntime:
-this module imports Keras and TensorFlow only when a model needs them.
+SavedModel folder, with its metadata beside it (X.onnx.json, ...). A run directory is read through its
+int8 export, RUN/export/model.int8.onnx, where train.py or export.py --int8 wrote one there and found
+that it reads the run's held-out split as well as the Keras model (see run_int8_export); its .keras
+file is always read by Keras. An ONNX model needs only onnxruntime: this module imports Keras and
+TensorFlow only when a model needs them.
 
 From Python:
     from predict import Recognizer
@@ -41,6 +44,8 @@ import review
 from config import UserError, quiet_backend_startup, run
 
 DEFAULT_BATCH_SIZE = 64
+# Where train.py and export.py --int8 put a run's int8 export, which the run is read through (run_int8_export).
+RUN_INT8_EXPORT = Path("export") / "model.int8.onnx"
 # The largest batch that a model computing in bfloat16 reads in float32 instead (see keras_batch_function).
 FLOAT32_BATCH_LIMIT = 8
 # A reading at least this confident is trusted: evaluate.py suspects the label of a wrong one, and a
@@ -58,26 +63,31 @@ class Recognizer:
     """A trained model with its metadata, which alone decides the charset, lengths and input size.
 
     run_batch: uint8 array n x H x W x 3 -> one array of probabilities per position, where n is a
-    power of two up to batch_size (see padded_size)."""
+    power of two up to batch_size (see padded_size). source: the model file read, where there is one."""
 
-    def __init__(self, run_batch, metadata, batch_size=DEFAULT_BATCH_SIZE):
-        self.run_batch, self.metadata, self.batch_size = run_batch, metadata, batch_size
+    def __init__(self, run_batch, metadata, batch_size=DEFAULT_BATCH_SIZE, source=None):
+        self.run_batch, self.metadata, self.batch_size, self.source = run_batch, metadata, batch_size, source
         self.image_size = tuple(metadata["image_size"])
         self.lengths = data.model_lengths(metadata)
 
     @classmethod
     def load(cls, path, batch_size=DEFAULT_BATCH_SIZE, precision="auto"):
         """path: a run directory, a .keras file or an export (.onnx, .tflite, SavedModel folder).
-        precision, for a Keras model only (exports compute in float32): as train.precision; `auto`
-        computes as the model was trained where this machine allows (see model.inference_precision)."""
+        precision, for a Keras model only (exports compute in their own precision): as train.precision;
+        `auto` reads a run directory through its int8 export where it reads the held-out split as well
+        as the Keras model (see run_int8_export), else computes as the model was trained where this
+        machine allows (see model.inference_precision)."""
         if batch_size < 1:
             raise UserError(f"the batch size must be at least 1, got {batch_size}")
         path, form = Path(path), export_format(path)
+        int8 = run_int8_export(path) if precision == "auto" else None
+        if int8:
+            return cls.load(int8, batch_size)
         if form:
             if not path.exists():
                 raise UserError(f"no model at {path}")
             metadata = read_export_metadata(path)
-            return cls(EXPORT_LOADERS[form](path, metadata, batch_size), metadata, batch_size)
+            return cls(EXPORT_LOADERS[form](path, metadata, batch_size), metadata, batch_size, path)
         try:
             quiet_backend_startup()
             from model import inference_precision, load_model, with_precision
@@ -88,7 +98,7 @@ class Recognizer:
         model, metadata = load_model(path)
         policy = inference_precision(precision, metadata.get("trained_precision", "float32"))
         model = model if policy == "float32" else with_precision(model, policy)
-        return cls(keras_batch_function(model), metadata, batch_size)
+        return cls(keras_batch_function(model), metadata, batch_size, data.model_path(path))
 
     def probabilities(self, pixels):
         """uint8 array N x H x W x 3 -> one N x classes array per position. Batches are padded to a
@@ -171,6 +181,21 @@ def export_metadata_path(path):
     """The JSON beside an export: X.onnx -> X.onnx.json, X.tflite -> X.tflite.json, SavedModel folder D -> D.json."""
     path = Path(path)
     return path.with_name(f"{path.name}.json")
+
+
+def run_int8_export(path):
+    """RUN/export/model.int8.onnx, for a run directory whose model it was made from, where export.py
+    (run by train.py, or by hand with --int8) found that it reads the run's held-out split whole at
+    most export.INT8_MAX_HELD_OUT_LOSS worse than the Keras model: on a CPU with 8-bit dot products
+    it reads one captcha 4x, and a folder 2x, as fast (README, "One captcha at a time"). Else None."""
+    path = Path(path)
+    int8 = path / RUN_INT8_EXPORT
+    if not int8.is_file() or not export_metadata_path(int8).is_file():  # also None for a .keras file
+        return None
+    metadata = read_export_metadata(int8)
+    made_from = data.read_metadata(path)
+    same_model = all(metadata.get(key) == value for key, value in made_from.items())
+    return int8 if same_model and metadata.get("held_out_check", {}).get("read_by_run") else None
 
 
 def read_export_metadata(path):

@@ -299,14 +299,15 @@ def main(argv=None):
         raise UserError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
 
     recognizer = Recognizer.load(args.model, args.batch_size)
-    if not export_format(args.model):  # a Keras model, so Keras is loaded already
+    print(f"serving {recognizer.source}", file=sys.stderr)
+    if not export_format(recognizer.source):  # a Keras model, so Keras is loaded already
         from export import default_out
         from model import has_gpu
 
         if not has_gpu():
-            print(f"note: on a CPU an ONNX export reads one captcha at a time faster than Keras, an int8 one fastest "
-                  f"(README, \"One captcha at a time\"): python export.py --model {args.model} --format onnx "
-                  f"--int8, then serve.py --model {default_out(args.model, 'onnx', int8=True)}", file=sys.stderr)
+            print(f"note: on a CPU an int8 export reads one captcha about 4x as fast as Keras (README, \"One captcha "
+                  f"at a time\"): python export.py --model {args.model} --format onnx --int8 makes it, then serve.py "
+                  f"--model {default_out(args.model, 'onnx', int8=True)}", file=sys.stderr)
     warm_up(recognizer, args.batch_size)
     app = create_app(recognizer, args.batch_size, args.batch_wait_ms / 1000, args.max_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port)

@@ -32,8 +32,9 @@ import keras  # noqa: E402
 
 import data  # noqa: E402
 from predict import Recognizer, keras_batch_function  # noqa: E402
-from model import (MODEL_FILE, ImageNetUnavailable, build_model, copy_weights, load_model, model_path,  # noqa: E402
-                   preprocessing_for, read_metadata, recompute_batchnorm, resolve_precision, save_model, with_precision)
+from data import MODEL_FILE, model_path, read_metadata  # noqa: E402
+from model import (ImageNetUnavailable, build_model, copy_weights, load_model, preprocessing_for,  # noqa: E402
+                   recompute_batchnorm, resolve_precision, save_model, with_precision)
 
 MONITOR = "val_whole_string_accuracy"
 SELECTION = "val_selection_score"  # what early stopping maximises: see HeldOutAccuracy
@@ -569,7 +570,7 @@ def pretrained_on_synthetic(cfg, dataset):
     synthetic["data"].update(dir=str(images), labels=None, label_pattern=None, charset=dataset["charset"],
                              case="sensitive", image_size=[height, width], max_train_images=0, unlabelled=None)
     synthetic["model"]["weights"] = "none"
-    synthetic["train"]["epochs"] = m["synthetic_epochs"]
+    synthetic["train"].update(epochs=m["synthetic_epochs"], int8_export=False)  # a start, never read as it is
     print(f"model.weights=synthetic: first training on {m['synthetic_images']} synthetic captchas of the set's "
           f"charset and lengths, {m['synthetic_epochs']} epochs, in {run_dir}")
     return train(synthetic, run_dir)
@@ -739,7 +740,27 @@ def train(cfg, run_dir=None, extra_callbacks=()):
           + f": held-out whole-string accuracy {held_out_accuracy:.4f}")
     print(f"saved in {run_dir}: {MODEL_FILE} (model and metadata), metadata.json, config.yaml, test_split.csv, "
           f"history.csv{', pseudo_labels.csv' if unlabelled else ''}{', tensorboard/' if tensorboard else ''}")
+    if t["int8_export"] and not process:
+        int8_export(run_dir)
     return run_dir
+
+
+def int8_export(run_dir):
+    """train.int8_export: export.py --int8 into the run, which the run is then read through where it reads
+    the held-out split as well as the Keras model (export.INT8_MAX_HELD_OUT_LOSS). The run is saved
+    already: a failure here costs only the export, and says how to retry it."""
+    retry = f"python export.py --model {run_dir} --format onnx --int8"
+    try:
+        import export
+    except ImportError as e:  # e.g. the JAX backend without TensorFlow, which the exporters need
+        print(f"note: no int8 export, as it needs TensorFlow ({e}); to make it where TensorFlow is installed: {retry}",
+              file=sys.stderr)
+        return
+    try:
+        export.write_export(run_dir, "onnx", export.default_out(run_dir, "onnx", int8=True), int8=True)
+    except Exception as e:  # noqa: BLE001  (an exporter's failure must not read as a failed training)
+        print(f"WARNING: the int8 export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
+              f"run is complete and read by its Keras model. To retry: {retry}", file=sys.stderr)
 
 
 def augmentation(t):

@@ -6,9 +6,10 @@
 The calls are interleaved on the same real henan_4digit captchas (JPEG bytes, decoding included),
 in an order that rotates, so that a busy machine slows each alike: compare the ratios. Then the
 folder speed, in the same process: the same readers taking turns on 128 captchas, ours in one call.
-The model (Keras and its ONNX export) is trained once for timing under --out/timing; each
-measurement is kept under --out/latency, and a rerun skips what is kept: delete a file to measure
-it again. Needs `pip install ddddocr==1.6.1`.
+Ours: the run directory as Recognizer.load reads it (through its int8 export where that passed its
+held-out check), its .keras file, and its ONNX exports, float32 and int8. The model is trained once
+for timing under --out/timing; each measurement is kept under --out/latency, and a rerun skips what
+is kept: delete a file to measure it again. Needs `pip install ddddocr==1.6.1`.
 
 On a CPU that computes bfloat16 natively it also times the Keras model on one batch of each padded
 size in float32 and in bfloat16, interleaved: the measurement behind predict.FLOAT32_BATCH_LIMIT.
@@ -27,7 +28,6 @@ import numpy as np
 from bench import ROOT, add_settings_argument, on_this_machine, stage, timing_model
 
 import data  # noqa: E402  (bench puts the repository on the path)
-from model import read_metadata  # noqa: E402
 from predict import DEFAULT_BATCH_SIZE, Recognizer  # noqa: E402
 
 FOLDER_IMAGES = 128  # two batches of 64 for ours
@@ -38,7 +38,8 @@ def readers(run_dir, exports):
     """name -> function reading one captcha's bytes; and name -> function reading a list of them."""
     import ddddocr
 
-    ours = {"keras": Recognizer.load(run_dir), **{name: Recognizer.load(path) for name, path in exports.items()}}
+    ours = {"run": Recognizer.load(run_dir), "keras": Recognizer.load(run_dir / "model.keras"),
+            **{name: Recognizer.load(path) for name, path in exports.items()}}
     ocr = ddddocr.DdddOcr(show_ad=False)
     one = {**{name: (lambda image, r=recognizer: r.predict([image])) for name, recognizer in ours.items()},
            "ddddocr": ocr.classification}
@@ -140,7 +141,8 @@ def where(result):
 
 
 def table(lat, speed):
-    calls = {"keras": "`Recognizer.load(run).predict([image])`", "onnx": "the same, ONNX export",
+    calls = {"run": f"`Recognizer.load(run).predict([image])`, reading {lat.get('run_reads', '?')}",
+             "keras": "the same, Recognizer.load(run/model.keras)", "onnx": "the same, ONNX export",
              "onnx_int8": "the same, ONNX export --int8", "ddddocr": "`ddddocr.classification(image)`"}
     lines = [where(lat), "", "| call | median ms | p99 ms | fastest ms | median vs ddddocr |", "|---|---|---|---|---|"]
     lines += [f"| {calls[name]} | {t['median_ms']} | {t['p99_ms']} | {t['fastest_ms']} | {t['median_vs_ddddocr']}x |"
@@ -187,12 +189,14 @@ def main():
     images = [path.read_bytes() for path in paths[:max(args.images, FOLDER_IMAGES)]]
     one, many = readers(run_dir, exports)
     out = args.out / "latency"
-    lat = stage(out / "latency.json", lambda: on_this_machine(lambda: latency(one, images[:args.images], args.rounds)))
+    run_reads = str(Path(Recognizer.load(run_dir).source).relative_to(run_dir))
+    lat = stage(out / "latency.json", lambda: on_this_machine(lambda: {
+        **latency(one, images[:args.images], args.rounds), "run_reads": run_reads}))
     speed = stage(out / "folder.json", lambda: on_this_machine(lambda: folder_speed(many, images[:FOLDER_IMAGES])))
     by_size = stage(out / "precision_by_batch_size.json",
                     lambda: on_this_machine(lambda: precision_by_batch_size(run_dir, images, 4 * args.rounds)))
     alone = stage(out / "backbones.json", lambda: on_this_machine(lambda: backbones_alone(
-        args.backbones, read_metadata(run_dir)["image_size"], images[:args.images], args.rounds)))
+        args.backbones, data.read_metadata(run_dir)["image_size"], images[:args.images], args.rounds)))
     summary = table(lat, speed) + "\n\n" + precision_table(by_size) + "\n\n" + backbones_table(alone)
     print(summary)
     data.write_atomically(out / "results.md", summary + "\n")

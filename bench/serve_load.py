@@ -3,7 +3,9 @@
     python bench/serve_load.py [--clients 1 8 32] [--requests 160] [--rounds 3] [--shared ../shared/data]
                                [--out bench/results] [--set KEY=VALUE ...]
 
-Starts serve.py with the timing model (Keras, and its ONNX exports, float32 and int8; see bench/latency.py) and ddddocr's
+Starts serve.py with the timing model (its run directory, which serve.py reads through the int8 export
+where that passed its held-out check; its .keras file; its ONNX exports, float32 and int8; see
+bench/latency.py) and ddddocr's
 own server (bench/ddddocr_server.py: `python -m ddddocr api`, whose every OCR request fails as 1.6.1
 ships it, with that bug worked around), each on a free port of 127.0.0.1 with its own defaults. For each
 number of clients, the servers take turns, in an order that rotates, for --rounds rounds: each
@@ -62,7 +64,7 @@ def start(stack, name, command, port, log):
 def servers(stack, run_dir, exports, out, batch_wait_ms):
     """name -> port of each server, started."""
     ours = ["serve.py", "--batch-wait-ms", batch_wait_ms, "--model"]
-    commands = {"keras": [sys.executable, *ours, run_dir],
+    commands = {"run": [sys.executable, *ours, run_dir], "keras": [sys.executable, *ours, run_dir / "model.keras"],
                 **{name: [sys.executable, *ours, path] for name, path in exports.items()},
                 "ddddocr": [sys.executable, "bench/ddddocr_server.py"]}
     ports = {}
@@ -146,7 +148,8 @@ def level(ports, bodies, clients, requests, rounds):
 
 def table(levels):
     lines = ["| clients | server | requests/s | vs ddddocr | p50 ms | p99 ms | failed |", "|---|---|---|---|---|---|---|"]
-    names = {"keras": "serve.py, Keras", "onnx": "serve.py, ONNX", "onnx_int8": "serve.py, ONNX int8",
+    names = {"run": "serve.py --model RUN", "keras": "serve.py, Keras", "onnx": "serve.py, ONNX",
+             "onnx_int8": "serve.py, ONNX int8",
              "ddddocr": "ddddocr api"}
     for result in levels:
         for name, s in result["servers"].items():

@@ -23,8 +23,9 @@ import data  # noqa: E402
 # MobileNet: the backbone quickest to trace and to step through of those with BatchNorm, as tracing a
 # training step costs more than everything else in a tiny run (Xception's takes about 40 s on two
 # cores, MobileNet's 25). The default, Xception, is built in tests/test_train.py.
+# No int8 export: it adds an ONNX conversion to every run, and the tests that want one ask for it.
 TINY = ["data.image_size=[32,64]", "model.weights=none", "model.backbone=MobileNet", "train.batch_size=16",
-        "train.precision=float32", "train.min_steps=0"]
+        "train.precision=float32", "train.min_steps=0", "train.int8_export=false"]
 
 
 def overrides(*extra, cache_dir):

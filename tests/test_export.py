@@ -15,7 +15,6 @@ import export
 import predict
 from config import UserError
 from conftest import assert_one_line_error, run_in_process, run_script
-from model import read_metadata
 
 
 def run_export(*args):
@@ -56,7 +55,7 @@ def test_each_format_writes_the_model_its_metadata_and_passes_parity(exports, tr
     assert json_path.name == {"onnx": "model.onnx.json", "tflite": "model.tflite.json", "savedmodel": "savedmodel.json"}[form]
     written = json.loads(json_path.read_text())
     parity = written.pop("parity")
-    assert written == {**read_metadata(trained_run), "format": form}
+    assert written == {**data.read_metadata(trained_run), "format": form}
     assert parity["samples"] == len(held_out) and "held-out" in parity["source"]
     assert parity["text_mismatches"] == 0 and parity["tolerance"] == export.PARITY_TOLERANCE
     assert 0 <= parity["max_abs_probability_difference"] <= export.PARITY_TOLERANCE
@@ -152,10 +151,22 @@ def test_user_errors_are_one_line(exports, trained_run, held_out, tmp_path):
         predict.Recognizer.load(tmp_path / "text.onnx")
 
 
-def test_an_int8_onnx_export_is_quantized_checked_on_texts_and_read_by_predict(exports, keras_model, trained_run,
+@pytest.fixture(scope="module")
+def int8_run(trained_run, tmp_path_factory):
+    """-> (a copy of the run with an int8 export in its default place, what export.py printed). A copy:
+    the run is then read through the export, and other modules read the run itself meanwhile. The
+    tiny model reads near chance, so its int8 copy may read a held-out captcha otherwise: here any
+    loss is allowed (the refusal has its own test)."""
+    run = shutil.copytree(trained_run, tmp_path_factory.mktemp("int8") / "run", ignore=shutil.ignore_patterns("export"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(export, "INT8_MAX_HELD_OUT_LOSS", 1.0)
+        return run, run_export("--model", run, "--format", "onnx", "--int8")
+
+
+def test_an_int8_onnx_export_is_quantized_checked_on_texts_and_read_by_predict(exports, keras_model, int8_run,
                                                                                 held_out):
-    printed = run_export("--model", trained_run, "--format", "onnx", "--int8")
-    path = trained_run / "export" / "model.int8.onnx"
+    run, printed = int8_run
+    path = run / "export" / "model.int8.onnx"
     assert "parity check passed: onnx int8 export vs float32 Keras model on 12 held-out images" in printed
     metadata = json.loads(predict.export_metadata_path(path).read_text())
     assert metadata["quantized"] == "int8" and metadata["parity"]["agreement"] == export.INT8_AGREEMENT
@@ -165,6 +176,47 @@ def test_an_int8_onnx_export_is_quantized_checked_on_texts_and_read_by_predict(e
     readings = predict.Recognizer.load(path).predict(held_out)
     assert [len(r.position_confidences) for r in readings] == [4] * len(held_out)
     assert all(r.text and set(r.text) <= set("0123456789") and 0 <= r.confidence <= 1 for r in readings)
+
+
+def test_a_run_is_read_through_its_int8_export_as_scored_on_its_held_out_split(int8_run, held_out):
+    run, printed = int8_run
+    int8, keras_file = run / "export" / "model.int8.onnx", run / "model.keras"
+    check = json.loads(predict.export_metadata_path(int8).read_text())["held_out_check"]
+    assert check["images"] == 12 and check["read_by_run"]
+    assert check["keras_whole_string_accuracy"] == data.read_metadata(run)["held_out_whole_string_accuracy"]
+    assert f"predict.py, evaluate.py and serve.py --model {run} now read through it" in printed
+    recognizer = predict.Recognizer.load(run)
+    assert recognizer.source == int8 and recognizer.metadata["quantized"] == "int8"
+    assert recognizer.predict(held_out) == predict.Recognizer.load(int8).predict(held_out)
+    # What the export recorded is what evaluate.py reports for the run, which names the file it read.
+    report = json.loads(run_in_process("evaluate.py", "--model", run, "--json").stdout)
+    assert (report["model"], report["whole_string_accuracy"]) == (str(int8), check["whole_string_accuracy"])
+    # The .keras file, or a precision asked for, reads the Keras model.
+    assert predict.Recognizer.load(keras_file).source == keras_file
+    assert predict.Recognizer.load(run, precision="float32").source == keras_file
+
+
+def test_a_run_is_read_by_keras_where_its_int8_export_loses_accuracy_or_was_made_from_another_model(
+        trained_run, int8_run, monkeypatch, tmp_path):
+    from model import load_model, save_model
+
+    monkeypatch.setattr(export, "INT8_MAX_HELD_OUT_LOSS", -1.0)  # it would have to read 100 points better
+    source, _ = int8_run
+    run = shutil.copytree(source, tmp_path / "run")
+    int8 = run / "export" / "model.int8.onnx"
+    metadata = data.read_metadata(run)
+    check = export.held_out_check(run, predict.load_onnx(int8, metadata, 64), metadata)
+    assert not check["read_by_run"]
+    assert "still reads the Keras model; read the export as --model" in export.held_out_note(check, int8, run)
+    written = json.loads(predict.export_metadata_path(int8).read_text())
+    predict.export_metadata_path(int8).write_text(json.dumps({**written, "held_out_check": check}))
+    assert predict.Recognizer.load(run).source == run / "model.keras"
+
+    predict.export_metadata_path(int8).write_text(json.dumps(written))  # accepted again
+    assert predict.Recognizer.load(run).source == int8
+    model, _ = load_model(run)
+    save_model(model, run / "model.keras", {**metadata, "epoch": metadata["epoch"] + 1})  # another model
+    assert predict.Recognizer.load(run).source == run / "model.keras"
 
 
 def test_an_int8_export_that_reads_sure_captchas_otherwise_is_refused(trained_run, monkeypatch, tmp_path):

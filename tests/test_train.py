@@ -249,9 +249,12 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
     """Killed with kill -9 during epoch 2 of 4, the rerun picks up after epoch 1 and finishes with 4
     epochs. Then the guard against BatchNorm statistics that trail the weights: the saved model, in
     inference mode, reads the training images about as well as fit reported while training on them;
-    and the held-out accuracy train.py recorded is what evaluate.py reports for the saved model.
-    (One run for both: a training run is the suite's costliest step.)"""
+    and the held-out accuracy train.py recorded is what evaluate.py reports for the saved model. Last,
+    the int8 export train.py makes: scored on the held-out split, the run is read through it where it
+    loses at most export.INT8_MAX_HELD_OUT_LOSS, and reads the split as that score says.
+    (One run for all: a training run is the suite's costliest step.)"""
     import evaluate
+    import export
     from predict import Recognizer
 
     folder = colour_coded(tmp_path / "coded", 96)
@@ -259,7 +262,8 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
     arguments = ["--run-dir", str(run_dir),
                  *[arg for o in overrides(f"data.dir={folder}", "data.length=2", "train.epochs=4", "train.batch_size=8",
                                           "train.min_steps=120", "train.patience=4", "data.test_fraction=0.25",
-                                          "train.batchnorm_images=64", cache_dir=cache_dir) for arg in ("--set", o)]]
+                                          "train.batchnorm_images=64", "train.int8_export=true",
+                                          cache_dir=cache_dir) for arg in ("--set", o)]]
     history, backup = run_dir / "history.csv", run_dir / "backup" / "training_metadata.json"
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *arguments], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, cwd=ROOT)
@@ -284,7 +288,7 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
     assert best_fit_accuracy > 0.6, "the tiny run must learn its training images (chance: 0.25) for this test to mean anything"
     held_out, _ = data.read_labels_csv(run_dir / "test_split.csv", folder)
     training = [p for p in data.find_images(folder) if p.name not in held_out]
-    recognizer = Recognizer.load(run_dir)
+    recognizer = Recognizer.load(run_dir / "model.keras")
     readings = recognizer.predict(training)
     inference_accuracy = np.mean([r.text[i] == p.name[i] for r, p in zip(readings, training) for i in (0, 1)])
     # Statistics that trail the weights fail here twice over: the saved model misreads, and the
@@ -295,6 +299,17 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
     report, _ = evaluate.evaluate(recognizer, items, root)
     assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
     assert report["per_position_accuracy"] == [float(chosen[f"val_char_{i}_accuracy"]) for i in (1, 2)]
+
+    int8 = run_dir / "export" / "model.int8.onnx"
+    check = json.loads((run_dir / "export" / "model.int8.onnx.json").read_text())["held_out_check"]
+    assert check["keras_whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
+    loss = check["keras_whole_string_accuracy"] - check["whole_string_accuracy"]
+    assert check["read_by_run"] == (loss <= export.INT8_MAX_HELD_OUT_LOSS)
+    assert "held-out split: the int8 export reads" in result.stdout
+    reader = Recognizer.load(run_dir)
+    assert reader.source == (int8 if check["read_by_run"] else run_dir / "model.keras")
+    recorded = check["whole_string_accuracy"] if check["read_by_run"] else metadata["held_out_whole_string_accuracy"]
+    assert evaluate.evaluate(reader, items, root)[0]["whole_string_accuracy"] == recorded
 
 
 def test_a_second_train_on_a_live_run_dir_is_refused_naming_the_first(tmp_path, digits, cache_dir):
