@@ -186,7 +186,7 @@ def export_metadata_path(path):
 def run_int8_export(path):
     """RUN/export/model.int8.onnx, for a run directory whose model it was made from, where export.py
     (run by train.py, or by hand with --int8) found that it reads the run's held-out split whole at
-    most export.INT8_MAX_HELD_OUT_LOSS worse than the Keras model: on a CPU with 8-bit dot products
+    most export.int8_allowed_loss worse than the Keras model: on a CPU with 8-bit dot products
     it reads one captcha 4x, and a folder 2x, as fast (README, "One captcha at a time"). Else None."""
     path = Path(path)
     int8 = path / RUN_INT8_EXPORT

@@ -747,7 +747,7 @@ def train(cfg, run_dir=None, extra_callbacks=()):
 
 def int8_export(run_dir):
     """train.int8_export: export.py --int8 into the run, which the run is then read through where it reads
-    the held-out split as well as the Keras model (export.INT8_MAX_HELD_OUT_LOSS). The run is saved
+    the held-out split as well as the Keras model (export.int8_allowed_loss). The run is saved
     already: a failure here costs only the export, and says how to retry it."""
     retry = f"python export.py --model {run_dir} --format onnx --int8"
     try:
