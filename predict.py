@@ -107,12 +107,12 @@ class Recognizer:
         outputs = []
         for start in range(0, len(pixels), self.batch_size):
             batch = pixels[start:start + self.batch_size]
-            padded = np.zeros((padded_size(len(batch), self.batch_size), *batch.shape[1:]), np.uint8)
-            padded[:len(batch)] = batch
+            missing = padded_size(len(batch), self.batch_size) - len(batch)
+            padded = np.concatenate([batch, np.zeros((missing, *batch.shape[1:]), np.uint8)]) if missing else batch
             outputs.append([np.asarray(p)[:len(batch)] for p in self.run_batch(padded)])
         if not outputs:
             return [np.zeros((0, data.class_count(self.metadata["charset"], self.lengths)))] * self.lengths[1]
-        return [np.concatenate(position) for position in zip(*outputs)]
+        return outputs[0] if len(outputs) == 1 else [np.concatenate(position) for position in zip(*outputs)]
 
     def read(self, pixels):
         """uint8 array N x H x W x 3 -> list of Reading."""
@@ -226,17 +226,26 @@ def load_onnx(path, metadata, batch_size):
         import onnxruntime
     except ImportError:
         raise UserError(f"reading {path} needs onnxruntime: pip install onnxruntime") from None
-    options = onnxruntime.SessionOptions()
-    # Idle worker threads sleep instead of spinning, which took the CPU from everything else running:
-    # on a busy 2-core machine one captcha read in 95 ms instead of 137 (median), a batch as fast.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime has its own exception types for a file that is not a model
-        raise UserError(f"{path} is not an ONNX model onnxruntime can run: {str(e).splitlines()[0]}") from None
-    outputs = by_position([o.name for o in session.get_outputs()], metadata["length"], path)
-    pixels = session.get_inputs()[0].name
-    return lambda batch: session.run(outputs, {pixels: batch})
+
+    def session(threads):
+        options = onnxruntime.SessionOptions()
+        # Idle worker threads sleep instead of spinning, which took the CPU from everything else running:
+        # on a busy 2-core machine one captcha read in 95 ms instead of 137 (median), a batch as fast.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = threads  # 0: one per core
+        try:
+            return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime has its own exception types for a file that is not a model
+            raise UserError(f"{path} is not an ONNX model onnxruntime can run: {str(e).splitlines()[0]}") from None
+
+    batches = session(0)
+    # One captcha alone reads faster on one thread, as waking a sleeping one costs more than it saves:
+    # 3.75-3.93 ms against 4.34-4.36 on two (int8 Xception at 48x120, 2 cores, medians of 400 calls
+    # interleaved with ddddocr's). Two images already read faster on two.
+    alone = session(1) if (os.cpu_count() or 1) > 1 else batches
+    outputs = by_position([o.name for o in batches.get_outputs()], metadata["length"], path)
+    pixels = batches.get_inputs()[0].name
+    return lambda batch: (alone if len(batch) == 1 else batches).run(outputs, {pixels: batch})
 
 
 def tflite_interpreter_class():
