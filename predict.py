@@ -226,26 +226,18 @@ def load_onnx(path, metadata, batch_size):
         import onnxruntime
     except ImportError:
         raise UserError(f"reading {path} needs onnxruntime: pip install onnxruntime") from None
-
-    def session(threads):
-        options = onnxruntime.SessionOptions()
-        # Idle worker threads sleep instead of spinning, which took the CPU from everything else running:
-        # on a busy 2-core machine one captcha read in 95 ms instead of 137 (median), a batch as fast.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.intra_op_num_threads = threads  # 0: one per core
-        try:
-            return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime has its own exception types for a file that is not a model
-            raise UserError(f"{path} is not an ONNX model onnxruntime can run: {str(e).splitlines()[0]}") from None
-
-    batches = session(0)
-    # One captcha alone reads faster on one thread, as waking a sleeping one costs more than it saves:
-    # 3.75-3.93 ms against 4.34-4.36 on two (int8 Xception at 48x120, 2 cores, medians of 400 calls
-    # interleaved with ddddocr's). Two images already read faster on two.
-    alone = session(1) if (os.cpu_count() or 1) > 1 else batches
-    outputs = by_position([o.name for o in batches.get_outputs()], metadata["length"], path)
-    pixels = batches.get_inputs()[0].name
-    return lambda batch: (alone if len(batch) == 1 else batches).run(outputs, {pixels: batch})
+    options = onnxruntime.SessionOptions()
+    # Idle worker threads sleep instead of spinning, which took the CPU from everything else running:
+    # on a busy 2-core machine one captcha read in 95 ms instead of 137 (median), a batch as fast.
+    # (One captcha on one thread instead: the int8 export no faster, the float32 one 8.6 ms against 6.8.)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime has its own exception types for a file that is not a model
+        raise UserError(f"{path} is not an ONNX model onnxruntime can run: {str(e).splitlines()[0]}") from None
+    outputs = by_position([o.name for o in session.get_outputs()], metadata["length"], path)
+    pixels = session.get_inputs()[0].name
+    return lambda batch: session.run(outputs, {pixels: batch})
 
 
 def tflite_interpreter_class():
