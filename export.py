@@ -133,7 +133,10 @@ def calibration_images(model_arg, metadata):
 
 def quantize_int8(path, calibration):
     """Rewrites the ONNX model at path with 8-bit weights (per channel) and activations, the activation
-    ranges fitted to calibration (uint8 images)."""
+    ranges fitted to calibration (uint8 images). The input scaling (the layer `normalise`) stays in
+    float32: quantized, its multiply and add took 6% of one captcha's reading (3.00 against 2.82 ms, int8
+    Xception at 48x120 on 2 cores), and its input, 8-bit pixels, needs no quantizing."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -148,8 +151,9 @@ def quantize_int8(path, calibration):
     prepared = path.with_name(f"{path.stem}.prepared.onnx")
     try:
         quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)  # folds what onnxruntime would
+        scaling = [node.name for node in onnx.load(str(prepared)).graph.node if "/normalise" in node.name]
         quantize_static(str(prepared), str(path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=scaling)
     finally:
         prepared.unlink(missing_ok=True)
 

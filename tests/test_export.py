@@ -173,6 +173,13 @@ def test_an_int8_onnx_export_is_quantized_checked_on_texts_and_read_by_predict(e
     assert metadata["parity"]["sure_text_mismatches"] <= (1 - export.INT8_AGREEMENT) * metadata["parity"]["sure_samples"]
     # 8-bit weights: about a quarter of the float32 export's size.
     assert path.stat().st_size < 0.4 * exports["onnx"][0].stat().st_size
+    # The input scaling computes in float32 (faster): its nodes take no dequantized input.
+    import onnx
+
+    nodes = onnx.load(str(path)).graph.node
+    dequantized = {output for node in nodes if node.op_type == "DequantizeLinear" for output in node.output}
+    scaling = [node for node in nodes if "/normalise" in node.name]
+    assert scaling and not any(set(node.input) & dequantized for node in scaling)
     readings = predict.Recognizer.load(path).predict(held_out)
     assert [len(r.position_confidences) for r in readings] == [4] * len(held_out)
     assert all(r.text and set(r.text) <= set("0123456789") and 0 <= r.confidence <= 1 for r in readings)
