@@ -78,7 +78,11 @@ def export(model, form, path, image_size):
     named([np.zeros((1, *image_size, 3), np.uint8)])  # the ONNX exporter refuses a model never called
     with warnings.catch_warnings():  # Keras's tf2onnx patch probes numpy for a removed alias, which warns
         warnings.simplefilter("ignore", FutureWarning)
-        named.export(str(path), format=FORMATS[form][0], verbose=False)
+        try:
+            named.export(str(path), format=FORMATS[form][0], verbose=False)
+        except ImportError as e:  # e.g. ONNX under the JAX backend, which needs jax2onnx
+            raise UserError(f"the {form} export under the Keras backend {keras.backend.backend()} failed: {e}; "
+                            f"or run with KERAS_BACKEND=tensorflow") from None
 
 
 def sample_images(model_arg, metadata):

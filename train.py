@@ -756,8 +756,10 @@ def int8_export(run_dir):
         print(f"note: no int8 export, as it needs TensorFlow ({e}); to make it where TensorFlow is installed: {retry}",
               file=sys.stderr)
         return
+    out = export.default_out(run_dir, "onnx", int8=True)
+    print(f"int8 export (train.int8_export): {out}, then its held-out check")
     try:
-        export.write_export(run_dir, "onnx", export.default_out(run_dir, "onnx", int8=True), int8=True)
+        export.write_export(run_dir, "onnx", out, int8=True)
     except Exception as e:  # noqa: BLE001  (an exporter's failure must not read as a failed training)
         print(f"WARNING: the int8 export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); the "
               f"run is complete and read by its Keras model. To retry: {retry}", file=sys.stderr)

@@ -2,6 +2,7 @@
 format is exported once for the module and the tests read what it wrote."""
 import contextlib
 import csv
+import importlib.util
 import io
 import json
 import os
@@ -149,6 +150,14 @@ def test_user_errors_are_one_line(exports, trained_run, held_out, tmp_path):
     shutil.copy(predict.export_metadata_path(exports["onnx"][0]), tmp_path / "text.onnx.json")
     with pytest.raises(UserError, match="is not an ONNX model"):
         predict.Recognizer.load(tmp_path / "text.onnx")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax2onnx") is not None, reason="jax2onnx exports under JAX")
+def test_an_onnx_export_under_the_jax_backend_without_jax2onnx_says_what_to_do(trained_run, tmp_path):
+    result = run_script("export.py", "--model", trained_run, "--format", "onnx", "--out", tmp_path / "model.onnx",
+                        env={"KERAS_BACKEND": "jax"})
+    assert_one_line_error(result, "under the Keras backend jax", "jax2onnx", "KERAS_BACKEND=tensorflow")
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.fixture(scope="module")
