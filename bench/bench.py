@@ -150,7 +150,7 @@ def evaluate(run_dir, out, labels=None, name="evaluate"):
     python("evaluate.py", *args, *(["--labels", labels] if labels else []), log=out / f"{name}.log",
            stdout=out / f"{name}_report.json")
     report = json.loads((out / f"{name}_report.json").read_text())
-    return {"whole_string_accuracy": report["whole_string_accuracy"], "count": report["count"],
+    return {"model": report["model"], "whole_string_accuracy": report["whole_string_accuracy"], "count": report["count"],
             "correct": report["correct"], "suspected_label_errors": report["suspected_label_errors"]["count"],
             "accuracy_by_length": report["accuracy_by_length"], "length_confusion": report["length_confusion"]}
 
@@ -166,8 +166,8 @@ def held_out(run_dir, labels=None):
 
 
 def export_accuracy(run_dir, model, labels=None):
-    """An export's whole-string accuracy on the run's held-out split (evaluate.py reads a run's own split
-    only through its Keras model)."""
+    """An export's whole-string accuracy on the run's held-out split (evaluate.py finds a run's own split
+    only from the run directory or its .keras file)."""
     from predict import Recognizer
 
     root, split = held_out(run_dir, labels)

@@ -123,6 +123,9 @@ def main():
             if args.unlabelled:
                 result["pseudo_labels"] = pseudo_label_accuracy(where / "run", truth)
             result["ours"] = stage(where / "ours.json", lambda: evaluate(where / "run", where))
+            if result["ours"].get("model", "").endswith(".onnx"):  # the run's int8 export: its own recorded score
+                check = json.loads(Path(result["ours"]["model"] + ".json").read_text())["held_out_check"]
+                result["recorded_held_out_accuracy"] = check["whole_string_accuracy"]
             result["evaluate_agrees"] = result["ours"]["whole_string_accuracy"] == result["recorded_held_out_accuracy"]
             result["ddddocr"] = stage(out / name / "ddddocr.json", lambda: ddddocr_accuracy(where / "run"))
             results.append(result)
