@@ -191,9 +191,9 @@ def held_out_note(check, out, model_arg):
                 f"beside {model_arg}): the run is read by its Keras model")
     found = (f"held-out split: the int8 export reads {check['whole_string_accuracy']:.2%} ({check['correct']}/"
              f"{check['images']}), the Keras model {check['keras_whole_string_accuracy']:.2%}")
-    run_dir = data.model_path(model_arg).parent
-    if out.resolve() != (run_dir / RUN_INT8_EXPORT).resolve():
+    if out.resolve() != default_out(model_arg, "onnx", int8=True).resolve():
         return found
+    run_dir = data.model_path(model_arg).parent
     if check["read_by_run"]:
         return f"{found}: predict.py, evaluate.py and serve.py --model {run_dir} now read through it"
     return (f"{found}, more than the {check['max_loss']:.2%} it may lose: --model {run_dir} still reads the Keras "
@@ -202,7 +202,7 @@ def held_out_note(check, out, model_arg):
 
 def write_export(model_arg, form, out, int8=False):
     """Exports the model of model_arg (a run directory or .keras file) to out, checks it as the module
-    says, and writes its metadata beside it. -> that metadata."""
+    says, and writes its metadata beside it."""
     model, metadata = load_model(model_arg)
     # The reference must compute in true float32: on recent GPUs TensorFlow would otherwise use
     # TF32 convolutions, which alone differ from float32 by more than the tolerance.
@@ -243,14 +243,12 @@ def write_export(model_arg, form, out, int8=False):
              "max_abs_probability_difference": difference,
              **({"sure_samples": sure, "sure_text_mismatches": sure_mismatches, "agreement": INT8_AGREEMENT}
                 if int8 else {"tolerance": PARITY_TOLERANCE})}
-    written = {**metadata, "format": form, **({"quantized": "int8", "held_out_check": held_out} if int8 else {}),
-               "parity": check}
     json_path = export_metadata_path(out)
-    data.write_atomically(json_path, json.dumps(written, indent=2))
+    data.write_atomically(json_path, json.dumps({**metadata, "format": form, **(
+        {"quantized": "int8", "held_out_check": held_out} if int8 else {}), "parity": check}, indent=2))
     print(f"exported {out} (metadata: {json_path})")
     if int8:
         print(held_out_note(held_out, out, model_arg))
-    return written
 
 
 def remove(path):

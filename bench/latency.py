@@ -35,7 +35,8 @@ FOLDER_ROUNDS = 8  # short turns in a rotating order, so that a change of load f
 
 
 def readers(run_dir, exports):
-    """name -> function reading one captcha's bytes; and name -> function reading a list of them."""
+    """name -> function reading one captcha's bytes; name -> function reading a list of them; and the
+    file that Recognizer.load(run_dir) reads, relative to run_dir."""
     import ddddocr
 
     ours = {"run": Recognizer.load(run_dir), "keras": Recognizer.load(run_dir / "model.keras"),
@@ -45,7 +46,7 @@ def readers(run_dir, exports):
            "ddddocr": ocr.classification}
     many = {**{name: recognizer.predict for name, recognizer in ours.items()},
             "ddddocr": lambda images: [ocr.classification(image) for image in images]}
-    return one, many
+    return one, many, str(Path(ours["run"].source).relative_to(run_dir))
 
 
 def milliseconds(times):
@@ -187,9 +188,8 @@ def main():
     run_dir, exports = timing_model(shared, args.out / "timing", args.set)
     paths = data.find_images(shared / "henan_4digit" / "OCR_Dataset")
     images = [path.read_bytes() for path in paths[:max(args.images, FOLDER_IMAGES)]]
-    one, many = readers(run_dir, exports)
+    one, many, run_reads = readers(run_dir, exports)
     out = args.out / "latency"
-    run_reads = str(Path(Recognizer.load(run_dir).source).relative_to(run_dir))
     lat = stage(out / "latency.json", lambda: on_this_machine(lambda: {
         **latency(one, images[:args.images], args.rounds), "run_reads": run_reads}))
     speed = stage(out / "folder.json", lambda: on_this_machine(lambda: folder_speed(many, images[:FOLDER_IMAGES])))

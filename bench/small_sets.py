@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
 from bench import ROOT, add_settings_argument, ddddocr_accuracy, evaluate, python, stage  # noqa: E402
 from label_fewer import pseudo_label_accuracy  # noqa: E402
+from predict import read_export_metadata  # noqa: E402
 
 STANDINS = {
     "standin_4x20": {"count": 1781, "length": 4, "charset": "2345678abcdefgkmnpxy", "size": (52, 130), "seed": 11,
@@ -124,7 +125,7 @@ def main():
                 result["pseudo_labels"] = pseudo_label_accuracy(where / "run", truth)
             result["ours"] = stage(where / "ours.json", lambda: evaluate(where / "run", where))
             if result["ours"].get("model", "").endswith(".onnx"):  # the run's int8 export: its own recorded score
-                check = json.loads(Path(result["ours"]["model"] + ".json").read_text())["held_out_check"]
+                check = read_export_metadata(result["ours"]["model"])["held_out_check"]
                 result["recorded_held_out_accuracy"] = check["whole_string_accuracy"]
             result["evaluate_agrees"] = result["ours"]["whole_string_accuracy"] == result["recorded_held_out_accuracy"]
             result["ddddocr"] = stage(out / name / "ddddocr.json", lambda: ddddocr_accuracy(where / "run"))
