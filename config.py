@@ -2,17 +2,17 @@
 
 The shipped config.yaml holds every key with its default; a user's file and
 `--set section.key=value` overrides may only change keys that exist there, and
-each keeps the type of its default.
+each keeps the type of its default. Every check a config can fail is made here,
+before a run writes anything.
 """
 import copy
 import difflib
-import importlib.util
-import os
 import re
-import sys
 from pathlib import Path
 
 import yaml
+
+from cli import UserError
 
 DEFAULTS_PATH = Path(__file__).with_name("config.yaml")
 MIN_IMAGE_SIDE = 32  # every supported backbone downsamples by 32
@@ -23,30 +23,10 @@ CHOICES = {
     "train.distribute": ("none", "data_parallel"),
 }
 # Two keys take a value of either of two types: data.length, a number (a fixed length) or a range of
-# lengths, and data.image_size, [height, width] or `auto`.
+# lengths, and data.image_size, [height, width] or `auto`. Inside the code data.length is always
+# [shortest, longest].
 LENGTH_RULE = "a number of characters like 4, or a range MIN-MAX like 4-6 with 1 <= MIN < MAX"
 IMAGE_SIZE_RULE = "[height, width], like [50, 120], or auto"
-
-
-def quiet_backend_startup():
-    """TensorFlow prints start-up notices on stderr before its log level applies; start it with them hidden."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow" or not importlib.util.find_spec("tensorflow"):
-        return
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        import tensorflow
-
-        tensorflow.config.list_physical_devices("GPU")  # looking for a GPU logs too
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-class UserError(Exception):
-    """A mistake in the user's data, config or command line: shown as one line, no traceback."""
 
 
 def read_yaml(path):
@@ -68,35 +48,43 @@ def flatten(cfg):
     return {f"{s}.{k}": v for s, keys in cfg.items() for k, v in keys.items()}
 
 
-def length_range(value):
-    """data.length -> (shortest, longest): a number is a fixed length, `MIN-MAX` a range. None when
-    it is neither, or out of bounds (see LENGTH_RULE)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value) if value >= 1 else None
+def parse_length(value):
+    """data.length as written (4, "4-6", or [4, 6] as a run's config.yaml keeps it) -> [shortest, longest],
+    or None when it is none of these (see LENGTH_RULE)."""
+    if isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+        shortest, longest = value
+        return [shortest, longest] if 1 <= shortest <= longest else None
+    if type(value) is int:
+        return [value, value] if value >= 1 else None
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", value) if isinstance(value, str) else None
     shortest, longest = (int(match[1]), int(match[2])) if match else (0, 0)
-    return (shortest, longest) if 1 <= shortest < longest else None
+    return [shortest, longest] if 1 <= shortest < longest else None
+
+
+def shown_length(lengths):
+    """[4, 4] -> "4"; [4, 6] -> "4-6", as data.length is written."""
+    return str(lengths[0]) if lengths[0] == lengths[1] else f"{lengths[0]}-{lengths[1]}"
 
 
 def checked_value(key, value, default, source):
     """Returns value with the type of default, or raises UserError."""
     if key == "data.length":
-        lengths = length_range(value)
+        lengths = parse_length(value)
         if lengths is None:
             raise UserError(f"{source}: data.length must be {LENGTH_RULE}, got {value!r}")
-        return value if isinstance(value, int) else f"{lengths[0]}-{lengths[1]}"
+        return lengths
     if key == "data.image_size":
         if value != "auto" and not (isinstance(value, list) and len(value) == 2
-                                    and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+                                    and all(type(v) is int for v in value)):
             raise UserError(f"{source}: data.image_size must be {IMAGE_SIZE_RULE}, got {value!r}")
         return value
     kind = type(default)
     expected = {type(None): "a string or null", bool: "true or false", int: "an integer", float: "a number",
                 str: "a string", list: f"a list like {default}"}
     ok = (
-        (kind is type(None) and (value is None or isinstance(value, str)))
+        (kind is type(None) and (value is None or (isinstance(value, str) and value != "")))
         or (kind is bool and isinstance(value, bool))
-        or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+        or (kind is int and type(value) is int)
         or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
         or (kind is str and isinstance(value, str))
         or (kind is list and isinstance(value, list) and len(value) == len(default)
@@ -119,14 +107,14 @@ def apply(cfg, defaults, key, value, source):
 
 def parse_override(text, defaults):
     """`section.key=value`: the value is YAML, except for string keys, which take it verbatim
-    (so that a charset like 0123456789 stays a string)."""
+    (so that a charset like 0123456789 stays a string, and an empty one stays empty)."""
     key, sep, raw = text.partition("=")
     if not sep:
         raise UserError(f"--set {text}: expected section.key=value")
     key = key.strip()
     default = flatten(defaults).get(key)
     verbatim = isinstance(default, str) and key != "data.image_size"
-    if verbatim or (default is None and raw.strip() not in ("null", "~", "")):
+    if verbatim or (default is None and raw.strip() not in ("null", "~")):
         return key, raw
     try:
         return key, yaml.safe_load(raw)
@@ -153,7 +141,8 @@ def validate(cfg):
               ("train.weight_decay", train["weight_decay"] >= 0),
               ("train.min_steps", train["min_steps"] >= 0),
               ("train.self_training_rounds", train["self_training_rounds"] >= 0),
-              ("train.pseudo_label_confidence", 0 < train["pseudo_label_confidence"] <= 1), ("train.batchnorm_images", train["batchnorm_images"] >= 0),
+              ("train.pseudo_label_confidence", 0 < train["pseudo_label_confidence"] <= 1),
+              ("train.batchnorm_images", train["batchnorm_images"] >= 0),
               ("train.augment_shift", 0 <= train["augment_shift"] < 0.5),
               ("train.augment_rotate", 0 <= train["augment_rotate"] <= 45),
               ("train.augment_scale", 0 <= train["augment_scale"] < 0.5),
@@ -164,16 +153,22 @@ def validate(cfg):
         if not ok:
             raise UserError(f"{key} is out of range: {flatten(cfg)[key]!r}")
     charset = data["charset"]
-    if charset is not None and (not charset or len(set(charset)) != len(charset)):
-        raise UserError(f"data.charset must be non-empty with no repeated characters, got {charset!r}")
+    if charset is not None and len(set(charset)) != len(charset):
+        raise UserError(f"data.charset must have no repeated characters, got {charset!r}")
+    if charset is not None and any(c.isspace() for c in charset):
+        raise UserError(f"data.charset must hold no spaces or other blanks, as labels are stripped of them, "
+                        f"got {charset!r}")
     if data["label_pattern"] is not None:
         try:
             re.compile(data["label_pattern"])
         except re.error as e:
             raise UserError(f"data.label_pattern is not a valid regular expression: {e}") from None
-    import keras  # deferred: reading a config should not wait for a backend unless it is valid so far
+    weights = model["weights"]
+    if weights not in ("imagenet", "none", "synthetic") and not Path(weights).exists():
+        raise UserError(f"model.weights: no weights file or run at {weights}")
+    from cli import import_keras  # deferred: reading a config should not wait for a backend unless it is valid so far
 
-    if not callable(getattr(keras.applications, model["backbone"], None)):
+    if not callable(getattr(import_keras().applications, model["backbone"], None)):
         raise UserError(f"model.backbone {model['backbone']!r} is not a keras.applications model, "
                         f"such as Xception, ResNet50, EfficientNetV2B0 or MobileNetV3Small")
 
@@ -182,6 +177,7 @@ def load_config(path=None, overrides=()):
     """Defaults from the shipped config.yaml, then the user's file, then --set overrides."""
     defaults = read_yaml(DEFAULTS_PATH)
     cfg = copy.deepcopy(defaults)
+    cfg["data"]["length"] = parse_length(defaults["data"]["length"])
     if path is not None and Path(path).resolve() != DEFAULTS_PATH.resolve():
         user = read_yaml(path)
         for section, keys in user.items():
@@ -194,15 +190,3 @@ def load_config(path=None, overrides=()):
         apply(cfg, defaults, key, value, f"--set {text}")
     validate(cfg)
     return cfg
-
-
-def run(main, interrupted="interrupted"):
-    """Runs a script's main(): a user's mistake is one line on stderr, not a traceback."""
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
-        sys.exit(130)

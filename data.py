@@ -7,6 +7,7 @@ import Keras, so that decoding workers start fast.
     python data.py synth --out DIR --count N [--length 4|4-6] [--charset CHARS] [--size HxW] [--seed S]
 """
 import argparse
+import collections
 import csv
 import glob
 import hashlib
@@ -15,20 +16,19 @@ import itertools
 import json
 import multiprocessing
 import os
-import random
 import re
-import string
-import sys
 import warnings
-import zipfile
 from pathlib import Path
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 from tqdm import tqdm
 
-from config import LENGTH_RULE, MIN_IMAGE_SIDE, UserError, length_range
+import atomic
+import synth
+from cli import CsvWriter, UserError, read_csv_cell, run_main
+from config import DEFAULTS_PATH, LENGTH_RULE, MIN_IMAGE_SIDE, parse_length, read_yaml, shown_length
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # Captchas are small: refuse larger images from their header, before decoding them.
@@ -38,14 +38,12 @@ MAX_PIXELS = 4096 * 4096
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes MPO, what cameras write
 # Part of the cache key and of a model's metadata: bump it whenever decode_image's output changes.
 DECODE_VERSION = 2
-# Part of the cache key: bump it whenever the cached digests change.
-DIGEST_VERSION = 2
-SYNTH_CHARSET = string.digits + string.ascii_uppercase
-SYNTH_COUNT = 10_000
-SYNTH_SIZE = (64, 128)
-# data.image_size: auto keeps the pixel count of the former fixed default, 50x120, and the images' shape.
+# Part of the cache key: bump it whenever the cached digests or look-alike hashes change.
+DIGEST_VERSION = 3
+# data.image_size: auto keeps the pixel count of 50x120 and the images' shape.
 AUTO_PIXELS = 50 * 120
 AUTO_SAMPLE = 1000
+FEW_OF_A_LENGTH = 20  # fewer images of a length than this get a warning: too few to learn it, or to score it
 
 
 class ImageError(ValueError):
@@ -165,9 +163,6 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated download is an error, not a half-grey captcha
-
-
 # ---------------------------------------------------------------- files and labels
 
 def find_images(root):
@@ -208,10 +203,15 @@ def normalise_label(label, case):
     return {"lower": label.lower(), "upper": label.upper()}.get(case, label)
 
 
+def name_parts(stem):
+    """The parts of a file name that may hold its label by default: `LABEL`, `LABEL_anything`, `anything_LABEL`."""
+    return stem, stem.split("_", 1)[0], stem.rsplit("_", 1)[-1]
+
+
 def label_from_name(path, pattern, fits, lengths):
-    """The label in a file name: data.label_pattern if set, else the first of `LABEL`,
-    `LABEL_anything` and `anything_LABEL` that fits the expected lengths (shortest, longest) and
-    charset, or failing that the lengths alone (so that an error can name the characters that do not fit)."""
+    """The label in a file name: data.label_pattern if set, else the first of name_parts that fits the
+    expected lengths [shortest, longest] and charset, or failing that the lengths alone (so that an error
+    can name the characters that do not fit)."""
     stem = Path(path).stem
     if pattern:
         match = re.fullmatch(pattern, stem)
@@ -219,9 +219,20 @@ def label_from_name(path, pattern, fits, lengths):
             return None
         regex = match.re
         return match.group("label") if "label" in regex.groupindex else match.group(1 if regex.groups else 0)
-    candidates = [stem, stem.split("_", 1)[0], stem.rsplit("_", 1)[-1]]
+    candidates = name_parts(stem)
     return next((c for c in candidates if fits(c)), None) or next(
         (c for c in candidates if lengths[0] <= len(c.strip()) <= lengths[1]), stem)
+
+
+def ambiguous_names(paths, fits):
+    """The files whose name could hold the label on either side of `_` (img1_7364: img1 or 7364?):
+    [(path, first part, last part)]."""
+    found = []
+    for path in paths:
+        stem, first, last = name_parts(Path(path).stem)
+        if not fits(stem) and first != last and fits(first) and fits(last):
+            found.append((path, first, last))
+    return found
 
 
 def read_labels_csv(csv_path, root, allow_outside=False, keep_missing=False):
@@ -245,7 +256,9 @@ def read_labels_csv(csv_path, root, allow_outside=False, keep_missing=False):
     for number, row in enumerate(rows, 1):
         if len(row) < 2:
             raise UserError(f"{csv_path}: row {number} {','.join(row)!r} has no label column")
-        name, label = row[0].strip().replace("\\", "/"), row[1].strip()
+        name, label = read_csv_cell(row[0].strip()), read_csv_cell(row[1].strip())
+        if "\\" in name and not (Path(root) / name).exists():  # written on Windows
+            name = name.replace("\\", "/")
         if not allow_outside and not is_inside(root, name):
             outside.append(name)
             continue
@@ -295,7 +308,7 @@ def unreadable_note(failures, paths, root):
 
 
 def labelled_files(root, labels_csv, pattern, case, lengths, charset, allow_outside=False):
-    """-> ([(path, label)], notes). lengths: (shortest, longest). Labels are normalised but not yet validated."""
+    """-> ([(path, label)], notes). lengths: [shortest, longest]. Labels are normalised but not yet validated."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder not found: {root}")
@@ -311,6 +324,12 @@ def labelled_files(root, labels_csv, pattern, case, lengths, charset, allow_outs
         label = normalise_label(label, case)
         return lengths[0] <= len(label) <= lengths[1] and (charset is None or set(label) <= set(charset))
 
+    ambiguous = [] if pattern else ambiguous_names(files, fits)
+    if ambiguous:
+        shown = "; ".join(f"{shown_path(p, root)} ({first!r} or {last!r})" for p, first, last in ambiguous[:3])
+        raise UserError(f"{len(ambiguous)} file names in {root} could hold the label on either side of '_', such as "
+                        f"{shown}: set data.label_pattern to say which, e.g. '(?P<label>[^_]+)_.*' for the first "
+                        f"part or '.*_(?P<label>[^_]+)' for the last, or set data.charset")
     items = [(path, label_from_name(path, pattern, fits, lengths)) for path in files]
     unmatched = [p for p, label in items if label is None]
     notes = []
@@ -326,7 +345,7 @@ def labelled_files(root, labels_csv, pattern, case, lengths, charset, allow_outs
 def label_problem(label, lengths, charset):
     """Why a label cannot be scored or trained on, or None. lengths: (shortest, longest)."""
     if not lengths[0] <= len(label) <= lengths[1]:
-        return f"length {len(label)}, not {shown_lengths(lengths)}"
+        return f"length {len(label)}, not {shown_length(lengths)}"
     unknown = sorted(set(label) - set(charset)) if charset is not None else []
     if unknown:
         return f"characters not in the charset: {''.join(unknown)!r}"
@@ -341,13 +360,23 @@ def split_by_label_problem(items, lengths, charset):
     return good, bad
 
 
-def shown_lengths(lengths):
-    """(4, 4) -> "4"; (4, 6) -> "4-6", as data.length is written."""
-    return str(lengths[0]) if lengths[0] == lengths[1] else f"{lengths[0]}-{lengths[1]}"
-
-
 def shown_path(path, root):
     return os.path.relpath(path, root) if root else str(path)
+
+
+def relative_name(path, root):
+    """path as a label CSV names it: relative to root, with forward slashes."""
+    return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def write_labels(f, items, root, confidences=None):
+    """[(path, label)] to the open file f as a label CSV that data.labels reads: paths relative to root,
+    and each row's confidence where given."""
+    writer = CsvWriter(f)
+    writer.writerow(["filename", "label", *(["confidence"] if confidences is not None else [])])
+    for i, (item_path, label) in enumerate(items):
+        writer.writerow([relative_name(os.path.abspath(item_path), os.path.abspath(root)), label,
+                         *([f"{confidences[i]:.6f}"] if confidences is not None else [])])
 
 
 def describe(bad, root, limit=3):
@@ -358,34 +387,6 @@ def describe(bad, root, limit=3):
 
 def infer_charset(labels):
     return "".join(sorted(set("".join(labels))))
-
-
-# A run's model and the metadata inside it (model.save_model writes them): charset, length, input size, ...
-MODEL_FILE = "model.keras"
-METADATA_ENTRY = "captcha.json"
-
-
-def model_path(path):
-    path = Path(path)
-    return path / MODEL_FILE if path.is_dir() else path
-
-
-def read_metadata(path):
-    """A run directory's or .keras file's metadata, read without Keras."""
-    path = model_path(path)
-    if not path.exists():
-        raise UserError(f"no model at {path}")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read(METADATA_ENTRY))
-    except (zipfile.BadZipFile, KeyError, ValueError, OSError):
-        raise UserError(f"{path} is not a model made by train.py (a .keras file carrying {METADATA_ENTRY})") from None
-
-
-def model_lengths(metadata):
-    """A model's (shortest, longest) label length. Its metadata's `length` is the number of heads;
-    models made before length ranges have no `min_length`."""
-    return metadata.get("min_length", metadata["length"]), metadata["length"]
 
 
 def class_count(charset, lengths):
@@ -409,32 +410,62 @@ def decode(indices, charset):
 
 # ---------------------------------------------------------------- pixels, cached
 
+LOOK_SHAPE = (16, 32)  # the grey thumbnail two images are compared by, to find look-alikes
+# Thumbnails correlated at least this much are one captcha saved twice: a JPEG re-encode at quality 75
+# or more of the real sets measured correlates above 0.99, and no two different captchas of them did.
+LOOK_ALIKE = 0.99
+
+
+class Decoded(NamedTuple):
+    images: np.ndarray  # uint8, N x H x W x 3
+    digests: list  # sha1 of each image's decoded pixels at full size; None where it is unreadable
+    failures: dict  # index -> why the image is unreadable
+    looks: np.ndarray  # float16 N x thumbnail pixels, for look_alikes
+
+
+def look(image):
+    """A full-size RGB image -> its grey thumbnail, zero-mean and of unit length: two captchas whose looks
+    correlate at LOOK_ALIKE or more are one captcha, re-encoded, resized or saved in another format."""
+    grey = np.asarray(image.convert("L").resize(LOOK_SHAPE[::-1], Image.Resampling.BOX), np.float32).ravel()
+    grey -= grey.mean()
+    return grey / max(float(np.linalg.norm(grey)), 1e-6)
+
+
+def look_alikes(looks, others):
+    """Which of looks correlate at LOOK_ALIKE or more with any of others -> boolean array."""
+    found = np.zeros(len(looks), bool)
+    others = np.asarray(others, np.float32)
+    for start in range(0, len(looks), 4096) if len(others) else ():
+        found[start:start + 4096] = (np.asarray(looks[start:start + 4096], np.float32) @ others.T).max(1) >= LOOK_ALIKE
+    return found
+
+
 def read_and_decode(job):
-    """-> (pixels, digest, None) or (None, None, reason). The digest is of the decoded pixels at full
-    size, not of the file: the same captcha saved as PNG and as BMP is one image; and not of the
-    resized pixels, so that the train/test split does not change with data.image_size."""
+    """-> (pixels, digest, look, None) or (None, None, None, reason). The digest is of the decoded
+    pixels at full size, not of the file: the same captcha saved as PNG and as BMP is one image; and
+    not of the resized pixels, so that the train/test split does not change with data.image_size."""
     path, size = job
     try:
         image = full_size_rgb(path)
         digest = hashlib.sha1(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
-        return resized(image, size), digest, None
+        return resized(image, size), digest, look(image), None
     except ImageError as e:
-        return None, None, str(e)
+        return None, None, None, str(e)
 
 
-def decode_files(paths, size, out, desc):
-    """Decodes paths into `out`, in parallel; -> (digests, {index: reason})."""
+def decode_files(paths, size, out, looks, desc):
+    """Decodes paths into `out` and their looks into `looks`, in parallel; -> (digests, {index: reason})."""
     jobs = [(str(p), tuple(size)) for p in paths]
     digests, failures = [None] * len(paths), {}
     use_pool = len(jobs) >= 2000 and (os.cpu_count() or 1) > 1 and "fork" in multiprocessing.get_all_start_methods()
     pool = multiprocessing.get_context("fork").Pool() if use_pool else None
     try:
         results = pool.imap(read_and_decode, jobs, chunksize=256) if pool else map(read_and_decode, jobs)
-        for i, (pixels, digest, error) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img")):
+        for i, (pixels, digest, thumbnail, error) in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img")):
             if error:
                 failures[i] = error
             else:
-                out[i], digests[i] = pixels, digest
+                out[i], digests[i], looks[i] = pixels, digest, thumbnail
     finally:
         if pool:
             pool.terminate()
@@ -450,39 +481,34 @@ def cache_key(paths, size):
 
 
 def load_images(paths, size, cache_dir=None, desc="decoding"):
-    """Decodes every image once -> (uint8 array N x H x W x 3, sha1 digests of the pixels, {index: reason}).
+    """Decodes every image once -> Decoded.
 
-    With cache_dir, the array is kept there keyed by the files and the size, so a
-    second run decodes nothing. It is read into memory when it fits comfortably,
+    With cache_dir, the arrays are kept there keyed by the files and the size, so a
+    second run decodes nothing. The images are read into memory when they fit comfortably,
     and memory-mapped from disk otherwise.
     """
-    shape = (len(paths), size[0], size[1], 3)
+    shape, look_shape = (len(paths), size[0], size[1], 3), (len(paths), LOOK_SHAPE[0] * LOOK_SHAPE[1])
     if cache_dir is None:
-        images = np.zeros(shape, np.uint8)
-        digests, failures = decode_files(paths, size, images, desc)
-        return images, digests, failures
+        images, looks = np.zeros(shape, np.uint8), np.zeros(look_shape, np.float16)
+        digests, failures = decode_files(paths, size, images, looks, desc)
+        return Decoded(images, digests, failures, looks)
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(paths, size)
-    array_path, index_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    array_path, looks_path, index_path = (cache_dir / f"{key}{end}" for end in (".npy", ".looks.npy", ".json"))
     if not index_path.exists():
-        partial = cache_dir / f"{key}.{os.getpid()}.partial.npy"
-        images = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-        digests, failures = decode_files(paths, size, images, desc)
-        images.flush()
-        del images
-        os.replace(partial, array_path)
-        write_atomically(index_path, json.dumps({"digests": digests, "failures": failures}))
+        with atomic.replacing(array_path) as partial:
+            images, looks = np.lib.format.open_memmap(partial, "w+", np.uint8, shape), np.zeros(look_shape, np.float16)
+            digests, failures = decode_files(paths, size, images, looks, desc)
+            images.flush()
+            del images
+        with atomic.replacing(looks_path) as partial:
+            np.save(partial, looks)
+        atomic.write_text(index_path, json.dumps({"digests": digests, "failures": failures}))
     index = json.loads(index_path.read_text())
     fits_in_memory = array_path.stat().st_size < 0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    images = np.load(array_path, mmap_mode=None if fits_in_memory else "r")
-    return images, index["digests"], {int(i): reason for i, reason in index["failures"].items()}
-
-
-def write_atomically(path, text):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    return Decoded(np.load(array_path, mmap_mode=None if fits_in_memory else "r"), index["digests"],
+                   {int(i): reason for i, reason in index["failures"].items()}, np.load(looks_path))
 
 
 def split_train_test(digests, test_fraction, seed, strata=None):
@@ -517,43 +543,124 @@ def split_train_test(digests, test_fraction, seed, strata=None):
     return np.array(train, dtype=np.int64), np.array(sorted(test), dtype=np.int64)
 
 
-# ---------------------------------------------------------------- synthetic captchas
+# ---------------------------------------------------------------- a data set to train on
 
-def synthesize(out, count, length=4, charset=SYNTH_CHARSET, size=SYNTH_SIZE, seed=0):
-    """Writes `count` captchas drawn by the captcha package as LABEL_NNNNNN.png; the same seed gives the same files.
-    length: as data.length, a number or a range like "4-6", whose lengths take equal shares, in turn."""
-    shortest, longest = length_range(length)
-    from unittest import mock
+def load_dataset(cfg, charset_hint=None):
+    """Reads, checks and decodes the data set of cfg; prints a short report. Without data.charset, the
+    charset is charset_hint (a continued run's) when every label fits it, else inferred."""
+    d = cfg["data"]
+    root, lengths = Path(d["dir"]), d["length"]
+    if not root.exists() and d["dir"] == os.path.abspath(read_yaml(DEFAULTS_PATH)["data"]["dir"]):
+        print(f"{root} does not exist: drawing the default synthetic set of {synth.DEFAULT_SET['count']} captchas "
+              f"(set data.dir to train on your own)")
+        with atomic.replacing(root) as partial:
+            synth.draw_set(partial, **{**synth.DEFAULT_SET, "lengths": lengths, "seed": d["seed"],
+                                       **({"charset": d["charset"]} if d["charset"] else {})})
+    items, notes = labelled_files(root, d["labels"], d["label_pattern"], d["case"], lengths, d["charset"],
+                                  d["allow_outside_dir"])
+    good, bad = split_by_label_problem(items, lengths, d["charset"])
+    if bad:
+        hint = ""
+        if d["case"] == "sensitive" and d["charset"] and any(
+                not label_problem(label.lower(), lengths, d["charset"])
+                or not label_problem(label.upper(), lengths, d["charset"]) for _, label, _ in bad):
+            hint = "; set data.case=lower or upper to fold the labels' case"
+        source = d["labels"] or "file names"
+        raise UserError(f"{len(bad)} of {len(items)} labels in {source} do not fit data.length={shown_length(lengths)}"
+                        f"{' and data.charset' if d['charset'] else ''}: {describe(bad, root)}{hint}")
+    labels = [label for _, label in good]
+    fits_hint = charset_hint is not None and set("".join(labels)) <= set(charset_hint)
+    charset = d["charset"] or (charset_hint if fits_hint else infer_charset(labels))
+    paths = [path for path, _ in good]
+    image_size, aspect = (d["image_size"], None) if d["image_size"] != "auto" else auto_image_size(paths)
+    decoded = load_images(paths, image_size, d["cache_dir"], desc=f"decoding {root}")
+    digests, failures = decoded.digests, decoded.failures
+    valid = np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64)
+    if len(valid) < 2:
+        raise UserError(f"{root}: fewer than 2 readable images")
+    if len({digests[i] for i in valid}) < 2:
+        raise UserError(f"{root}: all {len(valid)} readable images are identical; at least two different ones are "
+                        f"needed, one to train on and one to hold out")
+    targets = encode(labels, charset, lengths[1])
+    train_idx, test_idx = split_train_test([digests[i] for i in valid], d["test_fraction"], d["seed"],
+                                           [len(good[i][1]) for i in valid])
+    train_idx, test_idx = valid[train_idx], valid[test_idx]
+    # The held-out split in evaluate.py's order, by file name, so that both read it in the same batches.
+    test_idx = np.array(sorted(test_idx, key=lambda i: relative_name(good[i][0], root)), dtype=np.int64)
+    if d["max_train_images"]:
+        train_idx = np.sort(np.random.default_rng(d["seed"]).permutation(train_idx)[:d["max_train_images"]])
 
-    import captcha.image
+    charset_source = "" if d["charset"] else ", the continued run's" if fits_hint else ", inferred"
+    print(f"data: {len(valid)} images from {root}, labels from {d['labels'] or 'file names'}; "
+          f"charset {charset!r} ({len(charset)} characters{charset_source}), "
+          f"length {shown_length(lengths)}; {len(train_idx)} to train, {len(test_idx)} held out; input "
+          f"{image_size[0]}x{image_size[1]}" + (f" (data.image_size auto: the images' median width:height is "
+                                                f"{aspect:.2f})" if aspect else ""))
+    if lengths[0] < lengths[1]:
+        counts, held_out = (collections.Counter(len(good[i][1]) for i in indices) for indices in (valid, test_idx))
+        print("  lengths: " + ", ".join(f"{n}: {counts[n]} ({held_out[n]} held out)"
+                                        for n in range(lengths[0], lengths[1] + 1) if counts[n]))
+        few = [n for n in range(lengths[0], lengths[1] + 1) if counts[n] < FEW_OF_A_LENGTH]
+        if few:
+            print(f"  warning: fewer than {FEW_OF_A_LENGTH} images of length {', '.join(map(str, few[:10]))}"
+                  f"{f' and {len(few) - 10} more' if len(few) > 10 else ''}: too few to learn those lengths, "
+                  f"or to score them")
+    if failures:
+        notes.append(unreadable_note(failures, paths, root))
+    groups = {}
+    for i in valid:
+        groups.setdefault(digests[i], []).append(i)
+    repeats = [g for g in groups.values() if len(g) > 1]
+    if repeats:
+        disagree = sum(len({good[i][1] for i in g}) > 1 for g in repeats)
+        notes.append(f"{sum(len(g) - 1 for g in repeats)} duplicate images ({len(repeats)} groups, kept on one side "
+                     f"of the split; {disagree} groups with disagreeing labels): "
+                     f"{', '.join(shown_path(paths[i], root) for i in repeats[0])}")
+    for note in notes:
+        print(f"  note: {note}")
+    fingerprint = hashlib.sha1()
+    for side, indices in (("train", train_idx), ("held out", test_idx)):
+        for i in indices:
+            fingerprint.update(f"{side},{shown_path(paths[i], root)},{good[i][1]},{digests[i]}\n".encode())
+    split = {"train_images": len(train_idx), "held_out_images": len(test_idx), "digest": fingerprint.hexdigest(),
+             "digest_version": DIGEST_VERSION}
+    return {"root": root, "items": good, "images": decoded.images, "looks": decoded.looks, "image_size": image_size,
+            "lengths": lengths, "targets": targets, "charset": charset, "train": train_idx, "test": test_idx,
+            "digests": digests, "split": split}
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    # captcha.image draws all its randomness from the secrets module, which cannot be seeded.
-    seeded = SimpleNamespace(randbelow=rng.randrange, randbits=rng.getrandbits, choice=rng.choice)
-    generator = captcha.image.ImageCaptcha(width=size[1], height=size[0])
-    with mock.patch.object(captcha.image, "secrets", seeded):
-        for i in tqdm(range(count), desc=f"writing captchas to {out}", unit="img"):
-            label = "".join(rng.choice(charset) for _ in range(shortest + i % (longest - shortest + 1)))
-            generator.generate_image(label).save(out / f"{label}_{i:06d}.png")
+
+def load_unlabelled(cfg, dataset):
+    """data.unlabelled's images, decoded like the labelled ones, less the images training reads with
+    their labels and the held-out images, which are never pseudo-labelled: the same pixels, and also
+    look-alikes of held-out images (a re-encoded or resized copy). (A labelled image left out by
+    data.max_train_images may be pseudo-labelled: the benchmarks use that.)"""
+    d = cfg["data"]
+    root = Path(d["unlabelled"])
+    if not root.is_dir():
+        raise UserError(f"data.unlabelled: folder not found: {root}")
+    try:
+        paths = image_files(root)
+    except UserError as e:
+        raise UserError(f"data.unlabelled: {e}") from None
+    decoded = load_images(paths, dataset["image_size"], d["cache_dir"], desc=f"decoding {root}")
+    labelled = {dataset["digests"][i] for i in (*dataset["train"], *dataset["test"])}
+    readable = [i for i in range(len(paths)) if i not in decoded.failures]
+    copies = [i for i in readable if decoded.digests[i] in labelled]
+    alike = look_alikes(decoded.looks[readable], dataset["looks"][dataset["test"]])
+    near = [i for i, is_alike in zip(readable, alike) if is_alike and decoded.digests[i] not in labelled]
+    keep = sorted(set(readable) - set(copies) - set(near))
+    print(f"unlabelled: {len(keep)} images from {root} for self-training")
+    if decoded.failures:
+        print(f"  note: {unreadable_note(decoded.failures, paths, root)}")
+    if copies:
+        print(f"  note: {len(copies)} are held-out or training images already, skipped")
+    if near:
+        print(f"  note: {len(near)} look like held-out images (re-encoded or resized copies), skipped: "
+              f"{', '.join(shown_path(paths[i], root) for i in near[:3])}")
+    return {"root": root, "paths": [paths[i] for i in keep], "images": decoded.images[keep]}
 
 
-def undrawable(charset):
-    """The characters of charset that synthesize cannot draw: the captcha package's font has no glyph
-    for them (CJK, for one), and would draw each as the same empty box."""
-    import captcha.image
-    from PIL import ImageFont
-
-    font = ImageFont.truetype(captcha.image.DEFAULT_FONTS[0], 40)
-
-    def glyph(character):
-        mask = font.getmask(character)
-        return mask.size, bytes(mask)
-
-    no_glyph = glyph("\U0010FFFD")  # a private-use code point, which no font draws
-    return "".join(character for character in charset if glyph(character) == no_glyph)
-
+# ---------------------------------------------------------------- python data.py synth
 
 def parse_size(text):
     match = re.fullmatch(r"(\d+)x(\d+)", text)
@@ -562,27 +669,28 @@ def parse_size(text):
     return int(match.group(1)), int(match.group(2))
 
 
-def parse_length(text):
-    value = int(text) if text.strip().isdigit() else text
-    if length_range(value) is None:
+def parse_length_argument(text):
+    lengths = parse_length(int(text) if text.strip().isdigit() else text)
+    if lengths is None:
         raise argparse.ArgumentTypeError(f"expected {LENGTH_RULE}, got {text!r}")
-    return value
+    return lengths
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    synth = commands.add_parser("synth", help="write synthetic captchas, labelled in their file names")
-    synth.add_argument("--out", required=True, help="folder to write into")
-    synth.add_argument("--count", type=int, required=True)
-    synth.add_argument("--length", type=parse_length, default=4, help="a number, or a range like 4-6 (default 4)")
-    synth.add_argument("--charset", default=SYNTH_CHARSET)
-    synth.add_argument("--size", type=parse_size, default=SYNTH_SIZE,
-                       help=f"HEIGHTxWIDTH, default {SYNTH_SIZE[0]}x{SYNTH_SIZE[1]}")
-    synth.add_argument("--seed", type=int, default=0)
+    draw = commands.add_parser("synth", help="write synthetic captchas, labelled in their file names")
+    draw.add_argument("--out", required=True, help="folder to write into")
+    draw.add_argument("--count", type=int, required=True)
+    draw.add_argument("--length", type=parse_length_argument, default=[4, 4],
+                      help="a number, or a range like 4-6 (default 4)")
+    draw.add_argument("--charset", default=synth.CHARSET)
+    draw.add_argument("--size", type=parse_size, default=synth.SIZE,
+                      help=f"HEIGHTxWIDTH, default {synth.SIZE[0]}x{synth.SIZE[1]}")
+    draw.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    synthesize(args.out, args.count, args.length, args.charset, args.size, args.seed)
+    synth.draw_set(args.out, args.count, args.length, args.charset, args.size, args.seed)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -5,17 +5,16 @@ expects, so nothing outside it can get the preprocessing wrong. The charset, len
 input size and preprocessing travel inside the saved .keras file (entry captcha.json).
 """
 import json
-import os
 import re
 import zipfile
 from pathlib import Path
 
-from config import UserError, quiet_backend_startup
-from data import METADATA_ENTRY, model_path, read_metadata
+import atomic
+from cli import UserError, import_keras
+from run import METADATA_ENTRY, model_path, read_metadata
 
-quiet_backend_startup()
-import keras  # noqa: E402
-from keras import layers  # noqa: E402
+keras = import_keras()
+layers = keras.layers
 
 # How each backbone family expects its pixels: (scale, offset) applied to 0..255, per channel.
 # Backbones that contain their own preprocessing take the raw range.
@@ -87,12 +86,15 @@ def build_backbone(backbone, weights, inputs):
             raise UserError(f"model.weights: {source} does not fit {backbone}: {reason}") from None
         raise UserError(f"model.backbone {backbone} cannot be built for input {tuple(inputs.shape[1:3])}: "
                         f"{reason}") from None
-    except Exception as e:  # keras.utils.get_file raises a bare Exception when a download fails
-        if "URL fetch failure" not in str(e):
+    except Exception as e:
+        # keras.utils.get_file (Keras 3.15) raises a bare Exception when a download fails, and Keras has no
+        # public way to fetch an application's weights apart from building it: with the ImageNet weights
+        # asked for, any other failure is theirs.
+        if source != "imagenet":
             raise
-        url = re.search(r"URL fetch failure on (\S+): ", str(e))
-        message = (f"could not download the ImageNet weights of {backbone} ({str(e).split(' -- ')[-1]}). "
-                   f"To use them offline, fetch {url.group(1) if url else 'the weights file'} on a machine with "
+        url = re.search(r"https?://\S+?(?=[:\s]|$)", str(e))
+        message = (f"could not download the ImageNet weights of {backbone} ({str(e).splitlines()[0][-160:]}). "
+                   f"To use them offline, fetch {url.group(0) if url else 'the weights file'} on a machine with "
                    f"network and put it in ~/.keras/models/, or set model.weights to its path")
         raise ImageNetUnavailable(message) from None
     for layer in network.layers:
@@ -175,14 +177,11 @@ def with_precision(model, policy):
 # ---------------------------------------------------------------- saving and loading
 
 def save_model(model, path, metadata):
-    """Saves model and metadata as one .keras file, through a temporary file and a rename,
-    so that a crash mid-write never replaces a good model with a partial one."""
-    path = Path(path)
-    partial = path.with_name(f".{path.stem}.partial.keras")
-    model.save(partial)
-    with zipfile.ZipFile(partial, "a") as archive:
-        archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2))
-    os.replace(partial, path)
+    """Saves model and metadata as one .keras file (atomic.replacing: never half a model)."""
+    with atomic.replacing(path) as partial:
+        model.save(partial)
+        with zipfile.ZipFile(partial, "a") as archive:
+            archive.writestr(METADATA_ENTRY, json.dumps(metadata, indent=2))
 
 
 def load_model(path):

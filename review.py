@@ -8,48 +8,50 @@ train.py reads (data.labels).
 Every text from file names and labels reaches the page only as JSON, which the page's script puts
 on screen as text: nothing in a name or a label can become markup or code.
 """
+import argparse
 import base64
 import json
 import mimetypes
+import os
+import shlex
 from pathlib import Path
 
+import atomic
 import data
-from config import UserError
+import run
+from recognizer import SURE_CONFIDENCE
 
 
-def check_page_path(path, overwrite):
-    """Before any slow work: the page's folder must exist, and an existing page is kept unless overwrite."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise UserError(f"--html {path}: folder {path.parent} does not exist")
-    if path.exists() and not overwrite:
-        raise UserError(f"--html {path} exists; pass --overwrite to replace it")
-
-
-def write_page(path, heading, model, root, cards, labels, metadata, threshold, report=None):
+def write_page(path, heading, model, root, cards, labels, metadata, report=None):
     """Writes the review page.
 
-    root: the folder that card and label paths are relative to (data.dir for the next training).
-    cards: dicts with path, label (None for unlabelled captchas), reading, confidence and
-    suspected (a suspected label error), in the order to show them.
-    labels: (path, label) for every image the downloaded CSV lists; a card's text box replaces its label.
-    threshold: readings less confident than this are unsure.
-    report: evaluate.py's report, whose figures head the page.
+    model: the model as the command named it. root: the folder that card and label paths are relative to
+    (data.dir for the next training), shown relative to the working folder.
+    cards: dicts with path, label (None for unlabelled captchas), reading, confidence (None where not
+    scored), suspected (a suspected label error) and reason (why it was not scored, or None), in the order
+    to show them. labels: (path, label) for every image the downloaded CSV lists; a card's text box
+    replaces its label. report: evaluate.py's report, whose figures head the page.
     """
-    page = {"heading": heading, "model": str(model), "root": str(Path(root).resolve()), "report": report,
-            "threshold": threshold, "charset": metadata["charset"], "length": metadata["length"],
+    shown_root = os.path.relpath(root)
+    page = {"heading": heading, "model": str(model), "root": shown_root, "report": report,
+            "threshold": SURE_CONFIDENCE, "charset": metadata["charset"], "lengths": run.model_lengths(metadata),
             "case": metadata.get("case", "sensitive"), "labels": [list(row) for row in labels],
+            "train_command": f"python train.py --set data.dir={shlex.quote(shown_root)} --set data.labels=labels.csv",
             "cards": [{**card, **embedded_image(Path(root) / card["path"])} for card in cards]}
     # In a script element only "</script" or "<!--" could end the JSON early; with <, > and & escaped
     # JSON.parse still reads the same strings, and the HTML parser sees no markup at all.
     text = json.dumps(page, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    data.write_atomically(path, PAGE.replace("PAGE_DATA", text, 1))
+    atomic.write_text(path, PAGE.replace("PAGE_DATA", text, 1))
 
 
 def embedded_image(path):
-    """The image's own bytes as a data URI, and its size, so that the page reserves its place before showing it."""
-    content = Path(path).read_bytes()
-    width, height = data.open_image(content).size
+    """The image's own bytes as a data URI, and its size, so that the page reserves its place before showing
+    it; nothing for a file that is missing or not an image, whose card says why."""
+    try:
+        content = Path(path).read_bytes()
+        width, height = data.open_image(content).size
+    except (OSError, data.ImageError):
+        return {}
     mime = mimetypes.guess_type(path.name)[0] or "image/png"  # browsers sniff the format of an image anyway
     return {"image": f"data:{mime};base64,{base64.b64encode(content).decode('ascii')}",
             "width": width, "height": height}
@@ -87,6 +89,8 @@ td, th { padding: 2px 8px; text-align: right; border-bottom: 1px solid #eee; fon
 .card:focus-within { outline: 3px solid #48f; }
 .card.suspected { border-left: 5px solid #d80; }
 .card.corrected { background: #efe; }
+.noimage { height: 40px; margin: 0; color: #b00; background: #fee; text-align: center; line-height: 40px; }
+.reason { color: #b00; }
 .card img { display: block; width: 100%; height: auto; image-rendering: pixelated; background: #eee; }
 .card p { margin: 4px 0; }
 .path { font-size: 12px; color: #555; overflow-wrap: anywhere; }
@@ -143,7 +147,10 @@ function problem(label) {
   const folded = page.case === "lower" ? label.toLowerCase() : page.case === "upper" ? label.toUpperCase() : label;
   const chars = [...folded];
   if (!chars.length) return "";
-  if (chars.length !== page.length) return `length ${chars.length}, not ${page.length}`;
+  const [shortest, longest] = page.lengths;
+  if (chars.length < shortest || chars.length > longest) {
+    return `length ${chars.length}, not ${shortest === longest ? shortest : shortest + "-" + longest}`;
+  }
   const unknown = chars.filter(c => !page.charset.includes(c));
   return unknown.length ? `characters not in the charset: ${unknown.join("")}` : "";
 }
@@ -220,8 +227,13 @@ function showFigures(report) {
 function cardElement(card) {
   const node = el("article", "card" + (card.suspected ? " suspected" : ""));
   const img = el("img");
-  Object.assign(img, {decoding: "async", width: card.width, height: card.height, alt: card.path});
-  node.append(img, el("p", "path mono", card.path));
+  if (card.image) {
+    Object.assign(img, {decoding: "async", width: card.width, height: card.height, alt: card.path});
+    node.append(img);
+  } else {
+    node.append(el("p", "noimage", "no image to show"));
+  }
+  node.append(el("p", "path mono", card.path));
   if (card.label !== null) {
     const label = el("p", "label", "label ");
     label.append(marked(card.label, card.reading));
@@ -229,7 +241,8 @@ function cardElement(card) {
   }
   const reading = el("p", "reading", "read ");
   reading.append(marked(card.reading, card.label === null ? card.reading : card.label));
-  const confidence = el("p", "confidence", `confidence ${card.confidence.toFixed(4)}`);
+  const confidence = card.reason ? el("p", "confidence reason", `not scored: ${card.reason}`)
+                                 : el("p", "confidence", `confidence ${card.confidence.toFixed(4)}`);
   if (card.suspected) confidence.append(" ", el("span", "flag suspected", "suspected label error"));
   if (card.unsure) confidence.append(" ", el("span", "flag unsure", "unsure"));
   const input = el("input", "correction");
@@ -246,7 +259,8 @@ function cardElement(card) {
 const cardOf = new Map();
 const imageLoader = new IntersectionObserver(entries => {
   for (const entry of entries.filter(entry => entry.isIntersecting)) {
-    entry.target.querySelector("img").src = cardOf.get(entry.target).image;
+    const image = entry.target.querySelector("img");
+    if (image) image.src = cardOf.get(entry.target).image;
     imageLoader.unobserve(entry.target);
   }
 }, {rootMargin: "1000px"});
@@ -265,6 +279,7 @@ const filters = {
   all: [labelled ? "all errors" : "all readings", () => true],
   suspected: ["suspected label errors only", card => card.suspected],
   unsure: [`unsure readings only (confidence below ${page.threshold})`, card => card.unsure],
+  unscored: ["not scored only (missing, unreadable, or a label the model cannot read)", card => Boolean(card.reason)],
 };
 
 function applyFilter() {
@@ -284,7 +299,12 @@ function move(event) {
   }
 }
 
-function csvField(text) { return /[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text; }
+// A spreadsheet evaluates a cell starting with one of these: an apostrophe keeps it text, as cli.csv_cell does.
+function csvField(text) {
+  const formula = /^[=+\-@\t\r]/.test(text) || /^'[=+\-@\t\r']/.test(text);
+  const cell = formula ? "'" + text : text;
+  return /[",\r\n]/.test(cell) ? `"${cell.replaceAll('"', '""')}"` : cell;
+}
 
 function download() {
   const bad = cards.filter(card => problem(card.input.value.trim()));
@@ -311,12 +331,12 @@ setText("model", page.model);
 setText("root", page.root);
 setText("help", `Correct a label in its box where the image shows it is wrong; empty a box to leave its image out. ` +
   `Tab or Enter: next card; Shift+Tab or Shift+Enter: back. The button saves filename,label for all ` +
-  `${page.labels.length} images, corrected: train on it with --set data.dir=${page.root} --set data.labels=labels.csv`);
+  `${page.labels.length} images, corrected: train on it with ${page.train_command}`);
 if (page.report) showFigures(page.report);
 const fragment = document.createDocumentFragment();
 for (const card of cards) {
   card.prefill = card.label === null ? card.reading : card.label;
-  card.unsure = card.confidence < page.threshold;
+  card.unsure = card.confidence !== null && card.confidence < page.threshold;
   card.element = cardElement(card);
   cardOf.set(card.element, card);
   imageLoader.observe(card.element);
@@ -327,7 +347,7 @@ grid.append(cards.length ? fragment : el("p", "muted", labelled ? "No wrong read
 grid.addEventListener("keydown", move);
 const filter = document.getElementById("filter");
 for (const [name, [text, keep]] of Object.entries(filters)) {
-  if (name === "suspected" && !labelled) continue;
+  if ((name === "suspected" && !labelled) || (name === "unscored" && !cards.some(keep))) continue;
   const option = el("option", "", `${text}: ${cards.filter(keep).length}`);
   option.value = name;
   filter.append(option);
@@ -339,3 +359,9 @@ setText("corrections", "0 corrected");
 </body>
 </html>
 """
+
+
+if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="This module has no command of its own: "
+                            "evaluate.py --html and predict.py --html write its pages.").parse_args()
+    raise SystemExit("review.py writes no page by itself: run evaluate.py --html or predict.py --html")

@@ -10,7 +10,7 @@ POST /ocr       ddddocr's API request, JSON {"image": "<base64>", "probability":
                 -> {"result": "7364", "probability": null, "processing_time": 0.02}
 POST /ocr/file  ddddocr's multipart upload (field `file`), with the same answer
 GET  /health    {"status": "ok", ...} and how many images the model read in how many calls
-GET  /model     the model's metadata: charset, length, image_size, backbone, ...
+GET  /model     the model's metadata: charset, length, image_size, backbone, ... (no local paths)
 
 A bad request is answered 4xx with {"detail": "the reason"}, and the server goes on serving.
 Nothing in a request runs as code: images are decoded by data.decode_image, JSON by json.
@@ -32,12 +32,17 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
 import data
-from config import UserError, run
-from predict import Recognizer, export_format, padded_size
+import run
+from cli import UserError, run_main
+from recognizer import Recognizer, padded_size
 
-DEFAULT_BATCH_SIZE = 32
+DEFAULT_SERVE_BATCH = 32  # the most requests read in one model call
+MAX_SERVE_BATCH = 1024  # warm-up reads a batch of every padded size up to it: far more would not fit in memory
 DEFAULT_BATCH_WAIT_MS = 2.0
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # a captcha is a few kilobytes
+# What /model tells a client: how the model reads, never where its files are.
+PUBLIC_METADATA = ("charset", "length", "min_length", "image_size", "case", "backbone", "trained_precision", "epoch",
+                   "train_images", "held_out_images", "held_out_whole_string_accuracy", "format", "quantized")
 
 
 class BodyTooLarge(Exception):
@@ -77,7 +82,7 @@ async def read_batches(recognizer, queue, batch_size, batch_wait, stats):
     model is free, and, while a burst is under way (the call before read more than one image, or
     more than one is queued), what else arrives, each within batch_wait seconds of the one before,
     up to batch_size images. A lone client never waits: the wait cost it its length on every
-    request (README, "One captcha at a time")."""
+    request."""
     model_thread = ThreadPoolExecutor(1)
     loop = asyncio.get_running_loop()
     last_batch = 0
@@ -152,10 +157,12 @@ async def multipart_form(request):
         raise HTTPException(400, f"the multipart body cannot be read: {getattr(e, 'detail', e)}") from None
 
 
-async def uploaded_file(form):
-    files = [value for value in form.values() if isinstance(value, UploadFile)]
+async def uploaded_file(form, field=None):
+    """The uploaded file: the one in `field` where given (ddddocr's API names it), else the only one."""
+    files = [value for name, value in form.items() if isinstance(value, UploadFile) and field in (None, name)]
     if not files:
-        raise HTTPException(400, "the multipart body holds no file; send the image as a file field, e.g. file=@x.png")
+        raise HTTPException(400, f"the multipart body holds no file{f' in field {field}' if field else ''}; send "
+                                 f"the image as a file field, e.g. {field or 'file'}=@x.png")
     return await files[0].read()
 
 
@@ -163,12 +170,25 @@ def flag(value, name):
     """ddddocr's booleans: true or false, in JSON or as form text."""
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "y"):
-        return True
-    if text in ("false", "0", "no", "n"):
-        return False
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
     raise HTTPException(400, f"{name} must be true or false")
+
+
+async def json_fields(request):
+    """ddddocr's JSON request -> (image bytes, probability, colors, custom_color_ranges)."""
+    body = await json_object(request)
+    return base64_image(body), body.get("probability", False), body.get("colors"), body.get("custom_color_ranges")
+
+
+async def form_fields(request):
+    """ddddocr's multipart upload -> (image bytes, probability, colors, custom_color_ranges)."""
+    form = await multipart_form(request)
+    try:
+        colors = json.loads(form.get("colors") or "[]")
+    except (TypeError, ValueError):
+        raise HTTPException(400, "colors must be a JSON list") from None
+    return await uploaded_file(form, "file"), form.get("probability", "false"), colors, form.get("custom_color_ranges")
 
 
 def no_colour_filter(colors, custom_color_ranges):
@@ -180,7 +200,7 @@ def no_colour_filter(colors, custom_color_ranges):
 
 # ---------------------------------------------------------------- the app
 
-def create_app(recognizer, batch_size=DEFAULT_BATCH_SIZE, batch_wait=DEFAULT_BATCH_WAIT_MS / 1000,
+def create_app(recognizer, batch_size=DEFAULT_SERVE_BATCH, batch_wait=DEFAULT_BATCH_WAIT_MS / 1000,
                max_body_bytes=DEFAULT_MAX_BODY_BYTES):
     stats = {"model_calls": 0, "images_read": 0, "largest_batch": 0, "batch_sizes": {}}  # size -> model calls
     queue = None
@@ -193,7 +213,8 @@ def create_app(recognizer, batch_size=DEFAULT_BATCH_SIZE, batch_wait=DEFAULT_BAT
         yield
         reader.cancel()
 
-    app = FastAPI(title="captcha recogniser", lifespan=lifespan)
+    # No /docs: its page loads its scripts from a CDN, which an offline server cannot reach.
+    app = FastAPI(title="captcha recogniser", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(limit_body, max_bytes=max_body_bytes)
 
     @app.exception_handler(BodyTooLarge)
@@ -235,31 +256,23 @@ def create_app(recognizer, batch_size=DEFAULT_BATCH_SIZE, batch_wait=DEFAULT_BAT
         reading, _ = await read(content)
         return reading._asdict()
 
+    async def ddddocr_request(request, kind, accepted, fields):
+        """ddddocr's request, of Content-Type kind, its fields read by fields(request) -> ddddocr's answer."""
+        start = time.perf_counter()
+        if media_type(request) != kind:
+            raise unsupported(request, accepted)
+        content, probability, colors, colour_ranges = await fields(request)
+        no_colour_filter(colors, colour_ranges)
+        return ddddocr_answer(await read(content), flag(probability, "probability"), start)
+
     @app.post("/ocr")
     async def ocr(request: Request):
-        start = time.perf_counter()
-        if media_type(request) != "application/json":
-            raise unsupported(request, 'JSON {"image": "<base64>"}')
-        body = await json_object(request)
-        content = base64_image(body)
-        probability = flag(body.get("probability", False), "probability")
-        no_colour_filter(body.get("colors"), body.get("custom_color_ranges"))
-        return ddddocr_answer(await read(content), probability, start)
+        return await ddddocr_request(request, "application/json", 'JSON {"image": "<base64>"}', json_fields)
 
     @app.post("/ocr/file")
     async def ocr_file(request: Request):
-        start = time.perf_counter()
-        if media_type(request) != "multipart/form-data":
-            raise unsupported(request, "a multipart upload with the image in field file")
-        form = await multipart_form(request)
-        content = await uploaded_file(form)
-        probability = flag(form.get("probability", "false"), "probability")
-        try:
-            colors = json.loads(form.get("colors") or "[]")
-        except (TypeError, ValueError):
-            raise HTTPException(400, "colors must be a JSON list") from None
-        no_colour_filter(colors, form.get("custom_color_ranges"))
-        return ddddocr_answer(await read(content), probability, start)
+        return await ddddocr_request(request, "multipart/form-data", "a multipart upload with the image in field file",
+                                     form_fields)
 
     @app.get("/health")
     async def health():
@@ -267,7 +280,8 @@ def create_app(recognizer, batch_size=DEFAULT_BATCH_SIZE, batch_wait=DEFAULT_BAT
 
     @app.get("/model")
     async def model():
-        return recognizer.metadata
+        return {"file": recognizer.source.name, **{key: recognizer.metadata[key] for key in PUBLIC_METADATA
+                                                   if key in recognizer.metadata}}
 
     return app
 
@@ -285,14 +299,15 @@ def main(argv=None):
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this "
                                                             "machine only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="most images in one model call")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_SERVE_BATCH,
+                        help=f"most images in one model call, at most {MAX_SERVE_BATCH}")
     parser.add_argument("--batch-wait-ms", type=float, default=DEFAULT_BATCH_WAIT_MS,
                         help="how long a model call waits for more requests to join it")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                         help="larger request bodies are refused with 413")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not 1 <= args.batch_size <= MAX_SERVE_BATCH:
+        raise UserError(f"--batch-size must be from 1 to {MAX_SERVE_BATCH}, got {args.batch_size}")
     if args.batch_wait_ms < 0:
         raise UserError(f"--batch-wait-ms must not be negative, got {args.batch_wait_ms:g}")
     if args.max_body_bytes < 1:
@@ -300,14 +315,14 @@ def main(argv=None):
 
     recognizer = Recognizer.load(args.model, args.batch_size)
     print(f"serving {recognizer.source}", file=sys.stderr)
-    if not export_format(recognizer.source):  # a Keras model, so Keras is loaded already
-        from export import default_out
+    if not run.export_format(recognizer.source):  # a Keras model, so Keras is loaded already
         from model import has_gpu
 
         if not has_gpu():
-            print(f"note: on a CPU an int8 export reads one captcha about 4x as fast as Keras (README, \"One captcha "
-                  f"at a time\"): python export.py --model {args.model} --format onnx --int8 makes it, then serve.py "
-                  f"--model {default_out(args.model, 'onnx', int8=True)}", file=sys.stderr)
+            int8 = run.run_dir_of(args.model) / run.INT8_EXPORT
+            print(f"note: on a CPU an int8 export reads one captcha about 4x as fast as Keras: python export.py "
+                  f"--model {run.run_dir_of(args.model)} --format onnx --int8 makes it, then serve.py --model "
+                  f"{int8}", file=sys.stderr)
     warm_up(recognizer, args.batch_size)
     app = create_app(recognizer, args.batch_size, args.batch_wait_ms / 1000, args.max_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port)
@@ -315,4 +330,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run(main)
+    run_main(main)

@@ -26,7 +26,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import atomic  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
+import synth  # noqa: E402
 
 SYNTH_CHARSET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 SETS = {  # folders relative to --shared; labels_clean scores where the published labels are noisy
@@ -68,7 +71,7 @@ def stage(path, compute):
         return json.loads(path.read_text())
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    data.write_atomically(path, json.dumps(result, indent=2))
+    atomic.write_text(path, json.dumps(result, indent=2))
     return result
 
 
@@ -168,7 +171,7 @@ def held_out(run_dir, labels=None):
 def export_accuracy(run_dir, model, labels=None):
     """An export's whole-string accuracy on the run's held-out split (evaluate.py finds a run's own split
     only from the run directory or its .keras file)."""
-    from predict import Recognizer
+    from recognizer import Recognizer
 
     root, split = held_out(run_dir, labels)
     names = sorted(split)
@@ -234,7 +237,7 @@ def pool(sources, shared, out):
     for kind, rows in tables.items():
         text = io.StringIO()
         csv.writer(text, lineterminator="\n").writerows([("filename", "label"), *rows])
-        data.write_atomically(out / f"{kind}.csv", text.getvalue())
+        atomic.write_text(out / f"{kind}.csv", text.getvalue())
     return folder
 
 
@@ -273,8 +276,8 @@ def bench_set(name, spec, shared, out, mode, settings=(), exports=("onnx", "onnx
     if "synth" in spec:
         spec["data_dir"] = out / "images"
         if not (out / "images").exists():
-            data.synthesize(out / "images.partial", spec["synth"], spec["length"], SYNTH_CHARSET,
-                            spec["image_size"], seed=0)
+            synth.draw_set(out / "images.partial", spec["synth"], config.parse_length(spec["length"]), SYNTH_CHARSET,
+                           spec["image_size"], seed=0)
             os.replace(out / "images.partial", out / "images")
         folder = spec["data_dir"]
     elif "pool" in spec:  # absolute paths: shared / an absolute path is that path
@@ -355,8 +358,8 @@ def main():
                for name in args.sets]
     summary = table(results)
     print(summary)
-    data.write_atomically(out / "results.json", json.dumps({"results": results}, indent=2))
-    data.write_atomically(out / "results.md", summary + "\n")
+    atomic.write_text(out / "results.json", json.dumps({"results": results}, indent=2))
+    atomic.write_text(out / "results.md", summary + "\n")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import cli  # noqa: E402
 import config  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 from model import recompute_batchnorm  # noqa: E402
-from predict import Recognizer, keras_batch_function  # noqa: E402
+from recognizer import Recognizer, keras_batch_function  # noqa: E402
 
 keras = train.keras
 
@@ -89,7 +91,7 @@ def main():
     parser.add_argument("--set", action="append", default=[])
     args = parser.parse_args()
     cfg = train.resolved(config.load_config(None, args.set))
-    diagnostic = ThreeWays(train.prepare_data(cfg), max(cfg["train"]["batchnorm_images"], 512),
+    diagnostic = ThreeWays(data.load_dataset(cfg), max(cfg["train"]["batchnorm_images"], 512),
                            cfg["train"]["batch_size"], args.momentum)
     train.train(cfg, args.run_dir, extra_callbacks=[diagnostic])
     out = args.run_dir.parent / f"{args.name}.json"
@@ -99,4 +101,4 @@ def main():
 
 
 if __name__ == "__main__":
-    config.run(main)
+    cli.run_main(main)

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import atomic  # noqa: E402
 import data  # noqa: E402
 from bench import ROOT, SETS, add_settings_argument, evaluate, stage, train  # noqa: E402
 
@@ -103,8 +104,8 @@ def main():
     summary = "\n".join(lines)
     print(summary)
     out = args.out / "cpu" / "label_fewer"
-    data.write_atomically(out / f"results{suffix}.json", json.dumps(results, indent=2))
-    data.write_atomically(out / f"results{suffix}.md", summary + "\n")
+    atomic.write_text(out / f"results{suffix}.json", json.dumps(results, indent=2))
+    atomic.write_text(out / f"results{suffix}.md", summary + "\n")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 from bench import ROOT, add_settings_argument, on_this_machine, stage, timing_model
 
+import atomic  # noqa: E402
+import run  # noqa: E402
 import data  # noqa: E402  (bench puts the repository on the path)
-from predict import DEFAULT_BATCH_SIZE, Recognizer  # noqa: E402
+from recognizer import DEFAULT_BATCH_SIZE, Recognizer  # noqa: E402
 
 FOLDER_IMAGES = 128  # two batches of 64 for ours
 FOLDER_ROUNDS = 8  # short turns in a rotating order, so that a change of load falls on every reader
@@ -196,10 +198,10 @@ def main():
     by_size = stage(out / "precision_by_batch_size.json",
                     lambda: on_this_machine(lambda: precision_by_batch_size(run_dir, images, 4 * args.rounds)))
     alone = stage(out / "backbones.json", lambda: on_this_machine(lambda: backbones_alone(
-        args.backbones, data.read_metadata(run_dir)["image_size"], images[:args.images], args.rounds)))
+        args.backbones, run.read_metadata(run_dir)["image_size"], images[:args.images], args.rounds)))
     summary = table(lat, speed) + "\n\n" + precision_table(by_size) + "\n\n" + backbones_table(alone)
     print(summary)
-    data.write_atomically(out / "results.md", summary + "\n")
+    atomic.write_text(out / "results.md", summary + "\n")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import atomic  # noqa: E402
 import data  # noqa: E402
 from bench import held_out  # noqa: E402
 
@@ -85,7 +86,7 @@ def main():
                                             "downloaded": sum(downloaded[n] != clean[n] for n in published)},
         "rows_changed_by_download": sorted(n for n in downloaded if downloaded[n] != published[n]),
     }
-    data.write_atomically(args.out / "summary.json", json.dumps(summary, indent=2))
+    atomic.write_text(args.out / "summary.json", json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
 
 

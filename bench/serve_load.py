@@ -30,6 +30,7 @@ from pathlib import Path
 
 from bench import ROOT, add_settings_argument, on_this_machine, stage, timing_model
 
+import atomic  # noqa: E402
 import data  # noqa: E402  (bench puts the repository on the path)
 from serve import DEFAULT_BATCH_WAIT_MS  # noqa: E402
 
@@ -197,7 +198,7 @@ def main():
                          "batch_wait_ms": args.batch_wait_ms})))
     summary = table(levels)
     print(summary)
-    data.write_atomically(out / "results.md", summary + "\n")
+    atomic.write_text(out / "results.md", summary + "\n")
 
 
 if __name__ == "__main__":

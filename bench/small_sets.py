@@ -22,10 +22,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import atomic  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
+import synth  # noqa: E402
 from bench import ROOT, add_settings_argument, ddddocr_accuracy, evaluate, python, stage  # noqa: E402
 from label_fewer import pseudo_label_accuracy  # noqa: E402
-from predict import read_export_metadata  # noqa: E402
+from run import read_export_metadata  # noqa: E402
 
 STANDINS = {
     "standin_4x20": {"count": 1781, "length": 4, "charset": "2345678abcdefgkmnpxy", "size": (52, 130), "seed": 11,
@@ -48,8 +51,8 @@ def images(name, out, unlabelled=0):
     folder = out / (f"unlabelled_{unlabelled}" if unlabelled else "images")
     if not folder.exists():
         partial = folder.with_name(folder.name + ".partial")
-        data.synthesize(partial, unlabelled or spec["count"], spec["length"], spec["charset"], spec["size"],
-                        spec["seed"] + (1000 if unlabelled else 0))
+        synth.draw_set(partial, unlabelled or spec["count"], config.parse_length(spec["length"]), spec["charset"],
+                       spec["size"], spec["seed"] + (1000 if unlabelled else 0))
         os.replace(partial, folder)
     return folder
 
@@ -143,8 +146,8 @@ def main():
               f"{p['right']} of them right" for r in results for p in r.get("pseudo_labels", [])]
     summary = "\n".join(lines)
     print(summary)
-    data.write_atomically(out / "results.json", json.dumps(results, indent=2))
-    data.write_atomically(out / "results.md", summary + "\n")
+    atomic.write_text(out / "results.json", json.dumps(results, indent=2))
+    atomic.write_text(out / "results.md", summary + "\n")
     plot(results, out / "time_to_accuracy.png")
 
 

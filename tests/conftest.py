@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import synth  # noqa: E402
 
 # MobileNet: the backbone quickest to trace and to step through of those with BatchNorm, as tracing a
 # training step costs more than everything else in a tiny run (Xception's takes about 40 s on two
@@ -46,14 +47,14 @@ def run_script(script, *args, env=None, cwd=None, timeout=300):
 
 
 def run_in_process(script, *args):
-    """The same, in this process: main() under config.run, as the script's command line runs it, without
+    """The same, in this process: main() under cli.run_main, as the script's command line runs it, without
     a second TensorFlow start-up -> CompletedProcess with what it printed."""
-    import config
+    import cli
 
     module = importlib.import_module(Path(script).stem)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
-        config.run(lambda: module.main([str(a) for a in args]))
+        cli.run_main(lambda: module.main([str(a) for a in args]))
     return subprocess.CompletedProcess([script, *args], exit_.value.code or 0, out.getvalue(), err.getvalue())
 
 
@@ -71,7 +72,7 @@ def assert_one_line_error(result, *fragments):
 def digits(tmp_path_factory):
     """120 four-digit captchas, labelled in their file names."""
     folder = tmp_path_factory.mktemp("digits")
-    data.synthesize(folder, 120, length=4, charset="0123456789", size=(32, 64), seed=1)
+    synth.draw_set(folder, 120, [4, 4], "0123456789", (32, 64), seed=1)
     return folder
 
 
@@ -126,15 +127,15 @@ def trained_run(tmp_path_factory, cache_dir):
     import train
 
     def make(work):
-        cwd, count = os.getcwd(), data.SYNTH_COUNT
+        cwd, default_set = os.getcwd(), synth.DEFAULT_SET
         os.chdir(work)
-        data.SYNTH_COUNT = 120
+        synth.DEFAULT_SET = {**default_set, "count": 120}
         try:
             cfg = config.load_config(None, overrides("train.epochs=2", "data.charset=0123456789",
                                                      cache_dir=cache_dir))
             train.train(cfg, work / "run")
         finally:
             os.chdir(cwd)
-            data.SYNTH_COUNT = count
+            synth.DEFAULT_SET = default_set
 
     return made_once(tmp_path_factory, "work", make) / "run"

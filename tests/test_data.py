@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import data
-from config import UserError
+import synth
+from cli import UserError
 
 SIZE = (32, 64)
 
@@ -76,16 +77,16 @@ def test_every_image_mode_decodes_to_rgb_of_the_input_size(tmp_path):
 
 
 def test_one_decode_gives_the_same_pixels_on_every_path(digits, tmp_path):
-    from predict import decode_chunk
+    from recognizer import decode_chunk
 
     paths = data.find_images(digits)[:5]
     expected = np.stack([data.decode_image(p, SIZE) for p in paths])
     from_bytes = np.stack([data.decode_image(p.read_bytes(), SIZE) for p in paths])
     from_pil = np.stack([data.decode_image(Image.open(p), SIZE) for p in paths])
     from_array = np.stack([data.decode_image(np.asarray(Image.open(p).convert("RGB")), SIZE) for p in paths])
-    uncached, _, _ = data.load_images(paths, SIZE)  # training and evaluation
+    uncached = data.load_images(paths, SIZE).images  # training and evaluation
     data.load_images(paths, SIZE, tmp_path)
-    cached, _, _ = data.load_images(paths, SIZE, tmp_path)
+    cached = data.load_images(paths, SIZE, tmp_path).images
     predicted, errors = decode_chunk([str(p) for p in paths], SIZE)  # prediction
     assert not errors
     for other in (from_bytes, from_pil, from_array, uncached, cached, predicted):
@@ -99,7 +100,7 @@ def test_non_ascii_file_names_are_read_and_labelled(digits, tmp_path):
     (tmp_path / "képek" / "1357_ü.png").write_bytes(source.read_bytes())
     items, _ = data.labelled_files(tmp_path, None, None, "sensitive", (4, 4), "0123456789")
     assert sorted(label for _, label in items) == ["1357", "2468"]
-    images, _, failures = data.load_images([path for path, _ in items], SIZE)
+    images, _, failures, _ = data.load_images([path for path, _ in items], SIZE)
     assert not failures
     np.testing.assert_array_equal(images[0], data.decode_image(source, SIZE))
 
@@ -123,9 +124,9 @@ def test_symlinked_folders_are_read_once_and_a_link_loop_ends(digits, tmp_path):
 
 def test_cache_means_a_second_run_decodes_nothing(digits, tmp_path, monkeypatch):
     paths = data.find_images(digits)[:10]
-    first, digests, failures = data.load_images(paths, SIZE, tmp_path)
+    first, digests, failures, _ = data.load_images(paths, SIZE, tmp_path)
     monkeypatch.setattr(data, "read_and_decode", lambda job: pytest.fail("decoded again"))
-    second, digests_again, _ = data.load_images(paths, SIZE, tmp_path)
+    second, digests_again, _, _ = data.load_images(paths, SIZE, tmp_path)
     np.testing.assert_array_equal(first, second)
     assert digests == digests_again and not failures
     with pytest.raises(pytest.fail.Exception):  # another size is another key: it decodes again
@@ -225,13 +226,14 @@ def test_missing_folder_is_an_error_naming_it(tmp_path):
         data.labelled_files(tmp_path, None, None, "sensitive", (4, 4), None)
 
 
-def test_synthesis_is_reproducible(tmp_path):
-    data.synthesize(tmp_path / "a", 3, size=(32, 64), seed=7)
-    data.synthesize(tmp_path / "b", 3, size=(32, 64), seed=7)
+def test_synthesis_is_reproducible_whatever_the_number_of_processes(tmp_path):
+    synth.draw_set(tmp_path / "a", 6, size=(32, 64), seed=7, processes=1)
+    synth.draw_set(tmp_path / "b", 6, size=(32, 64), seed=7, processes=2)
+    synth.draw_set(tmp_path / "c", 6, size=(32, 64), seed=8, processes=1)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) == 3
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) == 6
     assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
-    assert names == ["K9P3_000000.png", "TP5A_000002.png", "VBGI_000001.png"]  # as drawn before length ranges
+    assert names != sorted(p.name for p in (tmp_path / "c").iterdir())  # another seed, other captchas
 
 
 def test_synthesis_of_a_length_range_gives_each_length_an_equal_share(tmp_path, capsys):
@@ -351,8 +353,8 @@ def test_the_split_does_not_change_with_the_input_size(tmp_path):
     fine[0, 0] = 0  # one pixel, lost when shrunk to 4x4
     Image.fromarray(fine).save(tmp_path / "dot.png")
     paths += [tmp_path / "plain.png", tmp_path / "dot.png"]
-    small_images, small, _ = data.load_images(paths, (4, 4))
-    _, large, _ = data.load_images(paths, (50, 120))
+    small_images, small, _, _ = data.load_images(paths, (4, 4))
+    large = data.load_images(paths, (50, 120)).digests
     assert small == large
     np.testing.assert_array_equal(small_images[-1], small_images[-2])
     assert small[-1] != small[-2]

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, overrides
 
 
@@ -28,8 +27,8 @@ def test_distributed_tensorflow_mirrored_over_two_logical_cpus(tmp_path, digits,
               "cpu = tf.config.list_physical_devices('CPU')[0]\n"
               "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
               f"sys.path.insert(0, {str(ROOT)!r})\n"
-              "import config, train\n"
-              "config.run(lambda: train.main(sys.argv[1:]))\n")
+              "import cli, train\n"
+              "cli.run_main(lambda: train.main(sys.argv[1:]))\n")
     result = subprocess.run([sys.executable, "-c", script, *training_args(tmp_path / "run", digits, cache_dir)],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,18 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import assert_one_line_error, run_in_process
 from PIL import Image
 
 import data
 import evaluate
 import predict
-from config import UserError
-from conftest import assert_one_line_error, run_in_process
+import scoring
+from cli import UserError
+from recognizer import FLOAT32_BATCH_LIMIT, Recognizer, keras_batch_function
 
 
 @pytest.fixture(scope="module")
 def recognizer(trained_run):
-    return predict.Recognizer.load(trained_run)
+    return Recognizer.load(trained_run)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_scores_are_exact_on_a_hand_made_case():
     truth = np.array([[1, 2, 3], [1, 2, 3], [4, 5, 6], [7, 8, 9]])
     predicted = np.array([[1, 2, 3], [1, 2, 0], [4, 0, 0], [7, 8, 9]])
     confidence = np.array([0.99, 0.2, 0.5, 0.9])
-    report = evaluate.score(truth, predicted, confidence, "0123456789")
+    report = scoring.score(truth, predicted, confidence, "0123456789")
     assert report["whole_string_accuracy"] == 0.5 and report["correct"] == 2
     assert report["per_position_accuracy"] == [1.0, 0.75, 0.5]
     assert report["per_character_accuracy"]["3"] == {"accuracy": 0.5, "count": 2}
@@ -61,7 +63,7 @@ def test_scores_count_the_blank_and_break_down_by_length():
     charset = "0123456789"
     truth = data.encode(["123", "1234", "1234", "567"], charset, 4)
     predicted = data.encode(["123", "123", "1234", "5678"], charset, 4)
-    report = evaluate.score(truth, predicted, np.array([0.9, 0.8, 0.7, 0.6]), charset)
+    report = scoring.score(truth, predicted, np.array([0.9, 0.8, 0.7, 0.6]), charset)
     assert report["whole_string_accuracy"] == 0.5 and report["correct"] == 2
     assert report["per_position_accuracy"] == [1.0, 1.0, 1.0, 0.5]  # position 4: blank, 4, 4, blank read as -, -, 4, 8
     assert report["accuracy_by_length"] == [{"length": 3, "whole_string_accuracy": 0.5, "correct": 1, "count": 2},
@@ -79,7 +81,7 @@ def fake_recognizer(cases, metadata):
         return [np.array([cases[int(image[0, 0, 0])][position] for image in batch], np.float32)
                 for position in range(metadata["length"])]
 
-    return predict.Recognizer(run_batch, metadata)
+    return Recognizer(run_batch, metadata)
 
 
 # Charset "ab" at 2 to 4 characters: each head reads a, b or the blank.
@@ -118,7 +120,7 @@ def test_predict_writes_texts_of_every_length(tmp_path, monkeypatch, capsys):
     for level in (1, 2, 3):
         Image.new("RGB", (64, 32), (level,) * 3).save(folder / f"{level}.png")
     Image.new("RGB", (64, 32), (0,) * 3).save(folder / "0.png")
-    monkeypatch.setattr(predict.Recognizer, "load", lambda *args, **kwargs: fake_recognizer(RANGE_CASES, RANGE_METADATA))
+    monkeypatch.setattr(Recognizer, "load", lambda *args, **kwargs: fake_recognizer(RANGE_CASES, RANGE_METADATA))
     rows = list(csv.DictReader(io.StringIO(run_main(predict, capsys, "--model", "fake", folder))))
     assert {Path(row["path"]).name: row["prediction"] for row in rows} == {"0.png": "abab", "1.png": "ab",
                                                                             "2.png": "ab", "3.png": "a"}
@@ -133,7 +135,7 @@ def test_evaluate_reports_accuracy_by_length_on_a_length_range(varied_run, capsy
     report = json.loads(run_main(evaluate, capsys, "--model", varied_run, "--json"))
     metadata = json.loads((varied_run / "metadata.json").read_text())
     with open(varied_run / "history.csv") as f:
-        chosen = next(row for row in csv.DictReader(f) if int(row["epoch"]) == metadata["epoch"] - 1)
+        chosen = next(row for row in csv.DictReader(f) if int(row["epoch"]) == metadata["epoch"])
     assert report["count"] == 8 and report["skipped"] == 0
     # train.py scored its held-out split as evaluate.py does, the blank included.
     assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
@@ -154,7 +156,7 @@ def test_unscorable_labels_of_a_length_range_are_counted_not_scored(varied_run, 
         shutil.copy(source, tmp_path / name)
     (tmp_path / "f.png").write_bytes(b"")
     items = [(tmp_path / name, label) for name, label in labels.items()] + [(tmp_path / "f.png", "123")]
-    report, rows = evaluate.evaluate(predict.Recognizer.load(varied_run), items, tmp_path)
+    report, rows = scoring.score_items(Recognizer.load(varied_run), items, tmp_path)
     assert report["count"] == 2 and report["skipped"] == 4
     assert report["skipped_reasons"] == {"unscorable label": 3, "unreadable": 1}
     assert {row["path"]: row["reason"] for row in rows if row.get("reason")} == {
@@ -213,7 +215,7 @@ def test_unscorable_labels_are_counted_not_scored(recognizer, known_folder, tmp_
     (folder / "77777_c.png").write_bytes(b"")
     (folder / "1234_d.png").write_bytes(b"")  # a good label on a file that cannot be read
     items, _ = data.labelled_files(folder, None, None, "sensitive", (4, 4), "0123456789")
-    report, rows = evaluate.evaluate(recognizer, items, folder)
+    report, rows = scoring.score_items(recognizer, items, folder)
     assert report["count"] == 10 and report["whole_string_accuracy"] == 0.6
     assert report["skipped"] == 4 and report["skipped_reasons"] == {"unscorable label": 3, "unreadable": 1}
     skipped = {row["path"]: row["reason"] for row in rows if row.get("reason")}
@@ -225,7 +227,7 @@ def test_evaluate_refuses_data_the_model_cannot_read(recognizer, tmp_path, digit
     (tmp_path / "abcd_1.png").write_bytes(data.find_images(digits)[0].read_bytes())
     items, _ = data.labelled_files(tmp_path, None, None, "sensitive", (4, 4), "0123456789")
     with pytest.raises(UserError, match="none of the 1 labels fit the model"):
-        evaluate.evaluate(recognizer, items, tmp_path)
+        scoring.score_items(recognizer, items, tmp_path)
 
 
 def test_recognizer_reads_paths_bytes_pil_images_and_arrays(recognizer, digits):
@@ -283,7 +285,7 @@ def test_a_file_that_is_not_a_model_is_one_clear_line(tmp_path, known_folder):
 
 def test_missing_held_out_images_are_skipped_and_a_moved_data_folder_is_named(trained_run, recognizer, tmp_path,
                                                                               capsys, monkeypatch):
-    monkeypatch.setattr(predict.Recognizer, "load", lambda *args: recognizer)
+    monkeypatch.setattr(Recognizer, "load", lambda *args: recognizer)
     run, folder = tmp_path / "run", tmp_path / "data"
     shutil.copytree(trained_run.parent / "data" / "synthetic", folder)
     run.mkdir()
@@ -307,7 +309,7 @@ def test_missing_held_out_images_are_skipped_and_a_moved_data_folder_is_named(tr
 @pytest.mark.parametrize("batch_size", ["0", "-5"])
 def test_a_batch_size_below_one_is_refused(script, batch_size, trained_run, known_folder):
     paths = [str(known_folder)] if script is predict else []
-    with pytest.raises(UserError, match=f"batch size must be at least 1, got {batch_size}"):
+    with pytest.raises(UserError, match=f"batch size must be from 1 to 4096, got {batch_size}"):
         script.main(["--model", str(trained_run), *paths, "--batch-size", batch_size])
 
 
@@ -318,7 +320,7 @@ def test_a_huge_batch_size_pads_only_to_the_images_there_are():
         shapes.append(len(batch))
         return [np.full((len(batch), 10), 0.1)] * 4
 
-    recognizer = predict.Recognizer(run_batch, {"image_size": [32, 64], "charset": "0123456789", "length": 4},
+    recognizer = Recognizer(run_batch, {"image_size": [32, 64], "charset": "0123456789", "length": 4},
                                     batch_size=100_000)
     recognizer.read(np.zeros((300, 32, 64, 3), np.uint8))  # train.py's held-out scoring of a few hundred images
     recognizer.read(np.zeros((1, 32, 64, 3), np.uint8))  # predict.py on one file
@@ -332,8 +334,8 @@ def test_a_bfloat16_model_reads_small_batches_through_a_float32_copy(trained_run
 
     float32_model, metadata = load_model(trained_run)
     bfloat16_model = with_precision(float32_model, "mixed_bfloat16")
-    run_batch = predict.keras_batch_function(bfloat16_model)
-    small, large = predict.FLOAT32_BATCH_LIMIT, 2 * predict.FLOAT32_BATCH_LIMIT
+    run_batch = keras_batch_function(bfloat16_model)
+    small, large = FLOAT32_BATCH_LIMIT, 2 * FLOAT32_BATCH_LIMIT
     pixels = np.stack([data.decode_image(path, metadata["image_size"]) for path in data.find_images(digits)[:large]])
 
     def gap(a, b):
@@ -342,11 +344,11 @@ def test_a_bfloat16_model_reads_small_batches_through_a_float32_copy(trained_run
     assert gap(run_batch(pixels[:small]), float32_model.predict_on_batch(pixels[:small])) < 1e-6
     assert gap(run_batch(pixels), bfloat16_model.predict_on_batch(pixels)) < 1e-6
     assert gap(run_batch(pixels), float32_model.predict_on_batch(pixels)) > 1e-5  # the two precisions differ
-    assert predict.keras_batch_function(float32_model) == float32_model.predict_on_batch
+    assert keras_batch_function(float32_model) == float32_model.predict_on_batch
 
 
 def test_output_files_are_checked_before_the_model_loads(trained_run, recognizer, known_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(predict.Recognizer, "load", lambda *args: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(Recognizer, "load", lambda *args: pytest.fail("the model loaded first"))
     errors = tmp_path / "errors.csv"
     errors.write_text("precious")
     cases = [
@@ -358,7 +360,7 @@ def test_output_files_are_checked_before_the_model_loads(trained_run, recognizer
         with pytest.raises(UserError, match=fragment):
             script.main(["--model", str(trained_run), *map(str, args)])
     monkeypatch.undo()
-    monkeypatch.setattr(predict.Recognizer, "load", lambda *args: recognizer)
+    monkeypatch.setattr(Recognizer, "load", lambda *args: recognizer)
     assert evaluate.main(["--model", str(trained_run), "--errors", str(errors), "--overwrite"]) == 0
     assert errors.read_text().startswith("path,label,prediction")
 
@@ -368,7 +370,7 @@ def test_an_interrupted_predict_leaves_no_partial_output(recognizer, known_folde
         yield paths[0], recognizer.predict([paths[0]])[0], None
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(predict.Recognizer, "load", lambda *args: recognizer)
+    monkeypatch.setattr(Recognizer, "load", lambda *args: recognizer)
     monkeypatch.setattr(predict, "read_files", interrupted)
     with pytest.raises(KeyboardInterrupt):
         predict.main(["--model", "run", str(known_folder), "--output", str(tmp_path / "out.csv")])
@@ -398,7 +400,7 @@ def test_least_confident_readings_are_written_as_a_label_csv_to_correct(trained_
     run_main(predict, capsys, "--model", trained_run, known_folder, "--least-confident", 4, "--output", out)
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    readings = predict.Recognizer.load(trained_run).predict(sorted(known_folder.iterdir()))
+    readings = Recognizer.load(trained_run).predict(sorted(known_folder.iterdir()))
     expected = sorted(zip(sorted(p.name for p in known_folder.iterdir()), readings), key=lambda x: x[1].confidence)[:4]
     assert [(row["filename"], row["label"]) for row in rows] == [(name, r.text) for name, r in expected]
     confidences = [float(row["confidence"]) for row in rows]

@@ -10,12 +10,15 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_in_process, run_script
 
 import data
 import export
-import predict
-from config import UserError
-from conftest import assert_one_line_error, run_in_process, run_script
+import exporting
+from cli import UserError
+from recognizer import Recognizer, by_position, load_onnx
+import run as run_module
+from run import export_metadata_path, file_digest, read_metadata
 
 
 def run_export(*args):
@@ -38,7 +41,7 @@ def exports(trained_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keras_model(trained_run):
-    return predict.Recognizer.load(trained_run, batch_size=8, precision="float32")
+    return Recognizer.load(trained_run, batch_size=8, precision="float32")
 
 
 @pytest.fixture(scope="module")
@@ -52,55 +55,56 @@ def test_each_format_writes_the_model_its_metadata_and_passes_parity(exports, tr
     path, printed = exports[form]
     assert (path / "saved_model.pb").is_file() if form == "savedmodel" else path.stat().st_size > 0
     assert not [p for p in path.parent.iterdir() if "partial" in p.name]
-    json_path = predict.export_metadata_path(path)
+    json_path = export_metadata_path(path)
     assert json_path.name == {"onnx": "model.onnx.json", "tflite": "model.tflite.json", "savedmodel": "savedmodel.json"}[form]
     written = json.loads(json_path.read_text())
-    parity = written.pop("parity")
-    assert written == {**data.read_metadata(trained_run), "format": form}
+    parity, made_from, digest = written.pop("parity"), written.pop("made_from"), written.pop("sha256")
+    assert written == {**read_metadata(trained_run), "format": form}
+    assert made_from["sha256"] == file_digest(trained_run / "model.keras") and digest == file_digest(path)
     assert parity["samples"] == len(held_out) and "held-out" in parity["source"]
-    assert parity["text_mismatches"] == 0 and parity["tolerance"] == export.PARITY_TOLERANCE
-    assert 0 <= parity["max_abs_probability_difference"] <= export.PARITY_TOLERANCE
+    assert parity["text_mismatches"] == 0 and parity["tolerance"] == exporting.PARITY_TOLERANCE
+    assert 0 <= parity["max_abs_probability_difference"] <= exporting.PARITY_TOLERANCE
     assert f"parity check passed: {form} export" in printed and "0 texts differ" in printed
     assert f"exported {path}" in printed
 
 
 @pytest.mark.parametrize("form", ["onnx", "tflite", "savedmodel"])
 def test_an_export_reads_as_the_float32_keras_model(exports, keras_model, held_out, form):
-    exported = predict.Recognizer.load(exports[form][0], batch_size=8)  # 3 batches, the last padded
+    exported = Recognizer.load(exports[form][0], batch_size=8)  # 3 batches, the last padded
     assert exported.metadata["charset"] == "0123456789" and exported.image_size == (32, 64)
     expected, actual = keras_model.predict(held_out), exported.predict(held_out)
     assert [r.text for r in actual] == [r.text for r in expected]
     assert np.allclose([r.position_confidences for r in actual], [r.position_confidences for r in expected],
-                       rtol=0, atol=export.PARITY_TOLERANCE)
+                       rtol=0, atol=exporting.PARITY_TOLERANCE)
     pixels = np.stack([data.decode_image(p, (32, 64)) for p in held_out])
     for want, got in zip(keras_model.probabilities(pixels), exported.probabilities(pixels)):  # every class, in order
-        assert np.abs(want - got).max() <= export.PARITY_TOLERANCE
+        assert np.abs(want - got).max() <= exporting.PARITY_TOLERANCE
 
 
 def test_an_export_of_a_length_range_passes_parity_and_reads_as_keras(varied_run):
     """Each output of a range of lengths has one class more, the blank: the export keeps it, in its place."""
     printed = run_export("--model", varied_run, "--format", "onnx")
     assert "parity check passed: onnx export vs float32 Keras model on 8 held-out images: 0 texts differ" in printed
-    exported = predict.Recognizer.load(varied_run / "export" / "model.onnx")
-    assert exported.lengths == (3, 4)
-    keras_model = predict.Recognizer.load(varied_run, precision="float32")
+    exported = Recognizer.load(varied_run / "export" / "model.onnx")
+    assert exported.lengths == [3, 4]
+    keras_model = Recognizer.load(varied_run, precision="float32")
     labels, _ = data.read_labels_csv(varied_run / "test_split.csv", varied_run.parent / "images")
     pixels = np.stack([data.decode_image(varied_run.parent / "images" / name, keras_model.image_size)
                        for name in sorted(labels)])
     for want, got in zip(keras_model.probabilities(pixels), exported.probabilities(pixels)):
-        assert got.shape == (8, 11) and np.abs(want - got).max() <= export.PARITY_TOLERANCE
+        assert got.shape == (8, 11) and np.abs(want - got).max() <= exporting.PARITY_TOLERANCE
     expected, actual = keras_model.read(pixels), exported.read(pixels)
     assert [r.text for r in actual] == [r.text for r in expected]
     assert np.allclose([r.position_confidences for r in actual], [r.position_confidences for r in expected],
-                       rtol=0, atol=export.PARITY_TOLERANCE)
+                       rtol=0, atol=exporting.PARITY_TOLERANCE)
 
 
 def test_outputs_are_put_in_position_order_by_name():
-    assert predict.by_position(["char_3", "char_1", "char_2"], 3, "m.onnx") == ["char_1", "char_2", "char_3"]
+    assert by_position(["char_3", "char_1", "char_2"], 3, "m.onnx") == ["char_1", "char_2", "char_3"]
     with pytest.raises(UserError, match="not exported by export.py"):
-        predict.by_position(["output_0", "output_1"], 2, "m.onnx")
+        by_position(["output_0", "output_1"], 2, "m.onnx")
     with pytest.raises(UserError, match="not exported by export.py"):
-        predict.by_position(["char_1", "char_2"], 3, "m.onnx")
+        by_position(["char_1", "char_2"], 3, "m.onnx")
 
 
 def test_predict_command_reads_onnx_without_tensorflow_or_keras(exports, keras_model, trained_run, held_out, tmp_path):
@@ -125,8 +129,8 @@ def test_a_failed_parity_check_writes_nothing(exports, trained_run, tmp_path, mo
     """A model with no run beside it is checked on random images; a failed check keeps nothing."""
     shutil.copy(trained_run / "model.keras", tmp_path / "model.keras")
     # The module's TFLite export stands in for a fresh one (the exporting itself is tested above).
-    monkeypatch.setattr(export, "export", lambda model, form, path, size: shutil.copy(exports["tflite"][0], path))
-    monkeypatch.setattr(export, "PARITY_TOLERANCE", -1.0)  # no difference can pass
+    monkeypatch.setattr(exporting, "export", lambda model, form, path, size: shutil.copy(exports["tflite"][0], path))
+    monkeypatch.setattr(exporting, "PARITY_TOLERANCE", -1.0)  # no difference can pass
     with pytest.raises(UserError, match=r"parity check failed, nothing written: .*100 random images"):
         run_export("--model", tmp_path / "model.keras", "--format", "tflite")
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["export", "model.keras"]
@@ -147,9 +151,9 @@ def test_user_errors_are_one_line(exports, trained_run, held_out, tmp_path):
     shutil.copy(exports["onnx"][0], alone)
     assert_one_line_error(run_in_process("predict.py", "--model", alone, held_out[0]), "expected", "alone.onnx.json")
     (tmp_path / "text.onnx").write_text("not a model")
-    shutil.copy(predict.export_metadata_path(exports["onnx"][0]), tmp_path / "text.onnx.json")
+    shutil.copy(export_metadata_path(exports["onnx"][0]), tmp_path / "text.onnx.json")
     with pytest.raises(UserError, match="is not an ONNX model"):
-        predict.Recognizer.load(tmp_path / "text.onnx")
+        Recognizer.load(tmp_path / "text.onnx")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("jax2onnx") is not None, reason="jax2onnx exports under JAX")
@@ -168,7 +172,7 @@ def int8_run(trained_run, tmp_path_factory):
     loss is allowed (the refusal has its own test)."""
     run = shutil.copytree(trained_run, tmp_path_factory.mktemp("int8") / "run", ignore=shutil.ignore_patterns("export"))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(export, "INT8_MAX_HELD_OUT_LOSS", 1.0)
+        patch.setattr(run_module, "INT8_MAX_HELD_OUT_LOSS", 1.0)
         return run, run_export("--model", run, "--format", "onnx", "--int8")
 
 
@@ -176,10 +180,10 @@ def test_an_int8_onnx_export_is_quantized_checked_on_texts_and_read_by_predict(e
                                                                                 held_out):
     run, printed = int8_run
     path = run / "export" / "model.int8.onnx"
-    assert "parity check passed: onnx int8 export vs float32 Keras model on 12 held-out images" in printed
-    metadata = json.loads(predict.export_metadata_path(path).read_text())
-    assert metadata["quantized"] == "int8" and metadata["parity"]["agreement"] == export.INT8_AGREEMENT
-    assert metadata["parity"]["sure_text_mismatches"] <= (1 - export.INT8_AGREEMENT) * metadata["parity"]["sure_samples"]
+    assert "parity check passed: int8 export vs float32 Keras model on 12 held-out images" in printed
+    metadata = json.loads(export_metadata_path(path).read_text())
+    assert metadata["quantized"] == "int8" and metadata["parity"]["agreement"] == exporting.INT8_AGREEMENT
+    assert metadata["parity"]["sure_text_mismatches"] <= (1 - exporting.INT8_AGREEMENT) * metadata["parity"]["sure_samples"]
     # 8-bit weights: about a quarter of the float32 export's size.
     assert path.stat().st_size < 0.4 * exports["onnx"][0].stat().st_size
     # The input scaling computes in float32 (faster): its nodes take no dequantized input.
@@ -189,7 +193,7 @@ def test_an_int8_onnx_export_is_quantized_checked_on_texts_and_read_by_predict(e
     dequantized = {output for node in nodes if node.op_type == "DequantizeLinear" for output in node.output}
     scaling = [node for node in nodes if "/normalise" in node.name]
     assert scaling and not any(set(node.input) & dequantized for node in scaling)
-    readings = predict.Recognizer.load(path).predict(held_out)
+    readings = Recognizer.load(path).predict(held_out)
     assert [len(r.position_confidences) for r in readings] == [4] * len(held_out)
     assert all(r.text and set(r.text) <= set("0123456789") and 0 <= r.confidence <= 1 for r in readings)
 
@@ -197,51 +201,51 @@ def test_an_int8_onnx_export_is_quantized_checked_on_texts_and_read_by_predict(e
 def test_a_run_is_read_through_its_int8_export_as_scored_on_its_held_out_split(int8_run, held_out):
     run, printed = int8_run
     int8, keras_file = run / "export" / "model.int8.onnx", run / "model.keras"
-    check = json.loads(predict.export_metadata_path(int8).read_text())["held_out_check"]
+    check = json.loads(export_metadata_path(int8).read_text())["held_out_check"]
     assert check["images"] == 12 and check["read_by_run"]
-    assert check["keras_whole_string_accuracy"] == data.read_metadata(run)["held_out_whole_string_accuracy"]
+    assert check["keras_whole_string_accuracy"] == read_metadata(run)["held_out_whole_string_accuracy"]
     assert f"predict.py, evaluate.py and serve.py --model {run} now read through it" in printed
-    recognizer = predict.Recognizer.load(run)
+    recognizer = Recognizer.load(run)
     assert recognizer.source == int8 and recognizer.metadata["quantized"] == "int8"
-    assert recognizer.predict(held_out) == predict.Recognizer.load(int8).predict(held_out)
+    assert recognizer.predict(held_out) == Recognizer.load(int8).predict(held_out)
     # What the export recorded is what evaluate.py reports for the run, which names the file it read.
     report = json.loads(run_in_process("evaluate.py", "--model", run, "--json").stdout)
     assert (report["model"], report["whole_string_accuracy"]) == (str(int8), check["whole_string_accuracy"])
     # The .keras file, or a precision asked for, reads the Keras model.
-    assert predict.Recognizer.load(keras_file).source == keras_file
-    assert predict.Recognizer.load(run, precision="float32").source == keras_file
+    assert Recognizer.load(keras_file).source == keras_file
+    assert Recognizer.load(run, precision="float32").source == keras_file
 
 
 def test_a_run_is_read_by_keras_where_its_int8_export_loses_accuracy_or_was_made_from_another_model(
         trained_run, int8_run, monkeypatch, tmp_path):
     from model import load_model, save_model
 
-    monkeypatch.setattr(export, "int8_allowed_loss", lambda images: -1.0)  # it would have to read 100 points better
+    monkeypatch.setattr(run_module, "int8_allowed_loss", lambda images: -1.0)  # it would have to read 100 points better
     source, _ = int8_run
     run = shutil.copytree(source, tmp_path / "run")
     int8 = run / "export" / "model.int8.onnx"
-    metadata = data.read_metadata(run)
-    check = export.held_out_check(run, predict.load_onnx(int8, metadata, 64), metadata)
+    metadata = read_metadata(run)
+    check = exporting.held_out_check(run, load_onnx(int8, metadata, 64), metadata)
     assert not check["read_by_run"]
-    assert "still reads the Keras model; read the export as --model" in export.held_out_note(check, int8, run)
-    written = json.loads(predict.export_metadata_path(int8).read_text())
-    predict.export_metadata_path(int8).write_text(json.dumps({**written, "held_out_check": check}))
-    assert predict.Recognizer.load(run).source == run / "model.keras"
+    assert "still reads the Keras model; read the export as --model" in exporting.held_out_note(check, int8, run)
+    written = json.loads(export_metadata_path(int8).read_text())
+    export_metadata_path(int8).write_text(json.dumps({**written, "held_out_check": check}))
+    assert Recognizer.load(run).source == run / "model.keras"
 
-    predict.export_metadata_path(int8).write_text(json.dumps(written))  # accepted again
-    assert predict.Recognizer.load(run).source == int8
+    export_metadata_path(int8).write_text(json.dumps(written))  # accepted again
+    assert Recognizer.load(run).source == int8
     model, _ = load_model(run)
     save_model(model, run / "model.keras", {**metadata, "epoch": metadata["epoch"] + 1})  # another model
-    assert predict.Recognizer.load(run).source == run / "model.keras"
+    assert Recognizer.load(run).source == run / "model.keras"
 
 
 def test_an_int8_export_that_reads_sure_captchas_otherwise_is_refused(trained_run, monkeypatch, tmp_path):
     """The tiny model is sure of nothing, and its int8 copy reads many of its held-out images otherwise:
     counted as sure, they fail the check."""
-    monkeypatch.setattr(export, "SURE_CONFIDENCE", 0.0)
+    monkeypatch.setattr(exporting, "SURE_CONFIDENCE", 0.0)
     out = tmp_path / "model.onnx"
-    with pytest.raises(UserError, match=r"parity check failed, nothing written: onnx int8 export .* of the 12 it is "
-                                        r"sure of \(at most 1% may\)"):
+    with pytest.raises(UserError, match=r"parity check failed, nothing written: int8 export .*: of the 12 it is "
+                                        r"sure of, \d+ read otherwise \(at most 1% may\)"):
         run_export("--model", trained_run, "--format", "onnx", "--int8", "--out", out)
     assert not list(tmp_path.iterdir())
 

@@ -5,12 +5,16 @@ import json
 
 import numpy as np
 import pytest
+from conftest import copy_digits, overrides
 
 import config
 import data
 import model
+import scoring
 import train
-from conftest import copy_digits, overrides
+import training
+from cli import UserError
+from run import held_out_items
 
 
 def test_continuing_a_run_starts_from_its_weights_keeps_them_unless_bettered_and_self_trains(
@@ -23,16 +27,15 @@ def test_continuing_a_run_starts_from_its_weights_keeps_them_unless_bettered_and
     (One run for all: a training run is the suite's costliest step.)"""
     import keras
 
-    import evaluate
-    from predict import Recognizer
+    from recognizer import Recognizer
 
-    score = train.HeldOutAccuracy.on_epoch_end
+    score = training.HeldOutAccuracy.on_epoch_end
 
     def epochs_score_nothing(self, epoch, logs=None):
         score(self, epoch, logs)
-        logs[train.SELECTION] = -1.0
+        logs[training.SELECTION] = -1.0
 
-    monkeypatch.setattr(train.HeldOutAccuracy, "on_epoch_end", epochs_score_nothing)
+    monkeypatch.setattr(training.HeldOutAccuracy, "on_epoch_end", epochs_score_nothing)
     labelled = trained_run.parent / "data" / "synthetic"
     held_out, _ = data.read_labels_csv(trained_run / "test_split.csv", labelled)
     unlabelled = copy_digits(digits, tmp_path / "unlabelled", 6)
@@ -63,8 +66,8 @@ def test_continuing_a_run_starts_from_its_weights_keeps_them_unless_bettered_and
     (start, _), (kept, _) = model.load_model(trained_run), model.load_model(run_dir)
     weights = lambda m: [keras.ops.convert_to_numpy(w) for w in m.trainable_weights]  # noqa: E731
     assert all(np.array_equal(a, b) for a, b in zip(weights(start), weights(kept), strict=True))
-    root, items, _, _ = evaluate.held_out_items(run_dir, None, "sensitive")
-    report, _ = evaluate.evaluate(Recognizer.load(run_dir), items, root)
+    root, items, _, _ = held_out_items(run_dir, None, "sensitive")
+    report, _ = scoring.score_items(Recognizer.load(run_dir), items, root)
     assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
 
 
@@ -76,14 +79,14 @@ def test_only_sure_readings_become_labels_and_never_held_out_ones(tmp_path, monk
         sure = np.sqrt([confidences[int(image[0, 0, 0])] if image[0, 0, 0] < 4 else 1.0 for image in batch])
         return [np.stack([sure, 1 - sure], axis=1)] * 2  # each position reads "a" with probability sqrt(c)
 
-    monkeypatch.setattr(train, "keras_batch_function", lambda model: fake_model)
+    monkeypatch.setattr(training, "keras_batch_function", lambda model: fake_model)
     labelled = np.full((5, 32, 64, 3), 9, np.uint8)
     dataset = {"images": labelled, "targets": np.ones((5, 2), np.int32), "train": np.array([0, 1, 2]),
                "test": np.array([3, 4]), "charset": "ab"}
     unlabelled = {"root": tmp_path, "paths": [tmp_path / f"u{i}.png" for i in range(4)],
                   "images": np.stack([np.full((32, 64, 3), i, np.uint8) for i in range(4)])}
     metadata = {"image_size": [32, 64], "charset": "ab", "length": 2}
-    images, targets, indices = train.with_pseudo_labels(None, dataset, unlabelled, metadata, 1, 0.9, tmp_path)
+    images, targets, indices = training.with_pseudo_labels(None, dataset, unlabelled, metadata, 1, 0.9, tmp_path)
     assert list(indices) == [0, 1, 2, 5, 7]  # the labelled training images, then unlabelled 0 and 2
     assert len(images) == 9 and (targets[[5, 7]] == 0).all()  # read "aa"
     with open(tmp_path / "pseudo_labels.csv") as f:
@@ -100,6 +103,6 @@ def test_a_new_charset_keeps_the_backbone_and_starts_new_heads(trained_run):
     body = [(a, b) for a, b in zip(source.layers, target.layers) if a.weights and not a.name.startswith("char_")]
     assert body and all(np.array_equal(wa, wb) for a, b in body for wa, wb in zip(a.get_weights(), b.get_weights()))
     assert target.get_layer("char_1").get_weights()[0].shape[-1] == 12
-    with pytest.raises(config.UserError, match="model.weights: .* was trained with model.backbone=MobileNet"):
+    with pytest.raises(UserError, match="model.weights: .* was trained with model.backbone=MobileNet"):
         train.continued_run({"weights": str(trained_run), "backbone": "ResNet50"})
     assert train.continued_run({"weights": str(trained_run), "backbone": "MobileNet"})["charset"] == "0123456789"

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+from conftest import overrides
 from PIL import Image
 
 import config
@@ -18,9 +19,7 @@ import data
 import evaluate
 import predict
 import review
-import train
-from config import UserError
-from conftest import overrides
+from cli import UserError
 
 CHARSET = "0123456789"
 # Paths a page must show as text: were any of them markup, it would alert or set window.pwned. A folder
@@ -171,7 +170,7 @@ def test_corrections_download_as_a_labels_csv_that_train_reads(browser, evaluate
     assert rows[0] == ["filename", "label"] and dict(rows[1:]) == expected and len(rows) == len(expected) + 1
     cfg = config.load_config(None, overrides(f"data.dir={root}", f"data.labels={tmp_path / 'downloads/labels.csv'}",
                                              f"data.charset={CHARSET}", cache_dir=cache_dir))
-    dataset = train.prepare_data(cfg)
+    dataset = data.load_dataset(cfg)
     assert {data.shown_path(path, root): label for path, label in dataset["items"]} == expected
 
 
@@ -208,9 +207,9 @@ def test_filter_and_enter_move_through_the_shown_cards_only(browser, digits, tmp
     for name, source in zip(confidences, data.find_images(digits)):
         shutil.copy(source, tmp_path / name)
     cards = [{"path": name, "label": "1234", "reading": "1235", "confidence": confidence,
-              "suspected": confidence >= 0.9} for name, confidence in confidences.items()]
+              "suspected": confidence >= 0.9, "reason": None} for name, confidence in confidences.items()]
     review.write_page(tmp_path / "page.html", "hand-made", "model", tmp_path, cards,
-                      [(name, "1234") for name in confidences], {"charset": CHARSET, "length": 4}, 0.9)
+                      [(name, "1234") for name in confidences], {"charset": CHARSET, "length": 4})
     browser.get((tmp_path / "page.html").as_uri())
     assert [card["path"] for card in shown_cards(browser)] == list(confidences)
     for choice, expected in (("suspected", ["a.png", "b.png"]), ("unsure", ["c.png", "d.png"])):
@@ -242,9 +241,9 @@ def test_ten_thousand_cards_open_without_loading_every_image(browser, tmp_path):
     for i in range(10_000):
         os.link(tmp_path / "one.png", tmp_path / f"{i:05d}.png")
         cards.append({"path": f"{i:05d}.png", "label": None, "reading": "1234", "confidence": i / 10_000,
-                      "suspected": False})
+                      "suspected": False, "reason": None})
     review.write_page(tmp_path / "page.html", "many", "model", tmp_path, cards,
-                      [(card["path"], "1234") for card in cards], {"charset": CHARSET, "length": 4}, 0.9)
+                      [(card["path"], "1234") for card in cards], {"charset": CHARSET, "length": 4})
     start = time.monotonic()
     browser.get((tmp_path / "page.html").as_uri())
     count = 'return [document.querySelectorAll(".card").length, document.querySelectorAll("img[src]").length]'
@@ -262,7 +261,7 @@ def test_ten_thousand_cards_open_without_loading_every_image(browser, tmp_path):
 
 def test_a_page_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_path):
     no_model = tmp_path / "no_model"
-    with pytest.raises(UserError, match="folder .* does not exist"):
+    with pytest.raises(UserError, match="there is no folder"):
         evaluate.main(["--model", str(no_model), "--html", str(tmp_path / "missing" / "review.html")])
     (tmp_path / "review.html").write_text("precious")
     for script in (evaluate, predict):

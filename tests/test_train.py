@@ -10,13 +10,19 @@ import time
 import numpy as np
 import pytest
 import yaml
+from conftest import ROOT, assert_one_line_error, copy_digits, overrides, run_in_process
+from PIL import Image
 
 import config
 import data
 import model
+import scoring
+import synth
 import train
-from conftest import ROOT, assert_one_line_error, copy_digits, overrides, run_in_process
-from PIL import Image
+import training
+from cli import UserError
+from run import LOCK_FILE, choose_run_dir, held_locks, held_out_items, int8_allowed_loss
+from run import lock as run_lock
 
 
 def tiny_config(folder, cache_dir, *extra):
@@ -56,18 +62,18 @@ def test_a_length_range_trains_a_head_per_position_with_a_blank_class(varied_run
 
 def test_a_rare_length_is_warned_about_and_one_outside_the_range_stops_training(tmp_path, cache_dir, capsys):
     folder = tmp_path / "rare"
-    data.synthesize(folder, 5, length=3, charset="0123456789", size=(32, 64), seed=5)
-    data.synthesize(folder, 25, length=4, charset="0123456789", size=(32, 64), seed=6)
+    synth.draw_set(folder, 5, [3, 3], "0123456789", (32, 64), seed=5)
+    synth.draw_set(folder, 25, [4, 4], "0123456789", (32, 64), seed=6)
     cfg = train.resolved(config.load_config(None, overrides(f"data.dir={folder}", "data.length=3-4",
                                                             "data.charset=0123456789", cache_dir=cache_dir)))
-    train.prepare_data(cfg)
+    data.load_dataset(cfg)
     report = capsys.readouterr().out
     assert "lengths: 3: 5 (1 held out), 4: 25 (2 held out)" in report
-    assert "warning: only 5 images of length 3 (1 held out)" in report and "of length 4" not in report
+    assert "warning: fewer than 20 images of length 3: too few" in report and "length 3, 4" not in report
     shutil.copy(data.find_images(folder)[0], folder / "12345_x.png")
-    with pytest.raises(config.UserError, match=r"1 of 31 labels in file names do not fit data.length=3-4 .*"
+    with pytest.raises(UserError, match=r"1 of 31 labels in file names do not fit data.length=3-4 .*"
                                                r"12345_x.png '12345_x' \(length 7, not 3-4\)"):
-        train.prepare_data(cfg)
+        data.load_dataset(cfg)
 
 
 def test_held_out_split_never_overlaps_training(trained_run):
@@ -75,15 +81,15 @@ def test_held_out_split_never_overlaps_training(trained_run):
     everything = {p.name for p in data.find_images(trained_run.parent / "data" / "synthetic")}
     assert 0 < len(held_out) < len(everything)
     assert set(held_out) <= everything  # and training used everything else, which therefore excludes these
-    dataset = train.prepare_data(yaml.safe_load((trained_run / "config.yaml").read_text()))
+    dataset = data.load_dataset(yaml.safe_load((trained_run / "config.yaml").read_text()))
     train_names = {dataset["items"][i][0].name for i in dataset["train"]}
     assert not train_names & set(held_out) and train_names | set(held_out) == everything
 
 
 def test_a_finished_run_is_never_overwritten(trained_run):
     cfg = config.load_config(None, ["model.weights=none"])
-    with pytest.raises(config.UserError, match="holds a finished run"):
-        train.choose_run_dir(train.resolved(cfg), trained_run)
+    with pytest.raises(UserError, match="holds a finished run"):
+        choose_run_dir(train.resolved(cfg), trained_run)
 
 
 def test_bad_labels_stop_training_naming_the_files(tmp_path, digits, cache_dir):
@@ -110,10 +116,10 @@ def test_wrong_case_labels_point_to_the_case_policy(tmp_path, digits, cache_dir)
     for name, source in zip(("abcd_1.png", "ABCD_2.png", "xyzw_3.png"), data.find_images(digits)):
         (folder / name).write_bytes(source.read_bytes())  # three different images: identical ones cannot be split
     cfg = config.load_config(None, overrides("data.charset=ABCDWXYZ", f"data.dir={folder}", cache_dir=cache_dir))
-    with pytest.raises(config.UserError, match="data.case=lower or upper"):
-        train.prepare_data(train.resolved(cfg))
+    with pytest.raises(UserError, match="data.case=lower or upper"):
+        data.load_dataset(train.resolved(cfg))
     cfg["data"]["case"] = "upper"
-    dataset = train.prepare_data(train.resolved(cfg))
+    dataset = data.load_dataset(train.resolved(cfg))
     assert sorted(label for _, label in dataset["items"]) == ["ABCD", "ABCD", "XYZW"]
 
 
@@ -151,7 +157,7 @@ def test_local_weights_file_is_loaded(tmp_path):
         assert initialisation == str(path)
         backbone = built.weights[:len(donor.weights)]  # the input scaling has none; the heads come last
         assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(backbone, donor.weights))
-    with pytest.raises(config.UserError, match="no weights file"):
+    with pytest.raises(UserError, match="no weights file"):
         model.build_model((32, 64), 4, 10, weights=str(tmp_path / "absent.h5"))
 
 
@@ -178,7 +184,7 @@ def test_without_the_imagenet_weights_training_falls_back_as_configured_or_stops
     assert "could not download the ImageNet weights" in capsys.readouterr().err
     assert fallback("none") == "none"
     assert "Starting from random weights instead" in capsys.readouterr().err
-    with pytest.raises(config.UserError, match="model.weights=imagenet: could not download"):
+    with pytest.raises(UserError, match="model.weights=imagenet: could not download"):
         fallback("stop")
     # Captchas the synthetic ones cannot draw (no glyph in their font) start from random weights.
     assert fallback("synthetic", {"image_size": (32, 64), "charset": "0123中"}) == "none"
@@ -187,7 +193,7 @@ def test_without_the_imagenet_weights_training_falls_back_as_configured_or_stops
 
 def test_synthetic_weights_refuse_a_charset_their_captchas_cannot_draw(tmp_path, digits):
     cfg = tiny_config(copy_digits(digits, tmp_path / "few", 8), tmp_path / "cache", "model.weights=synthetic")
-    with pytest.raises(config.UserError, match="cannot draw '中文'"):
+    with pytest.raises(UserError, match="cannot draw '中文'"):
         train.pretrained_on_synthetic(cfg, {"image_size": [32, 64], "charset": "0123中文"})
     assert not (tmp_path / "cache" / "synthetic").exists()
 
@@ -196,7 +202,7 @@ def test_early_stopping_counts_characters_while_no_captcha_is_read_whole(tmp_pat
     """A small set's first epochs read no captcha whole, yet learn: patience follows the characters
     read until whole reads come, and then the whole reads; the best epoch is the one kept."""
     tiny = train.keras.Sequential([train.keras.Input((1,)), train.keras.layers.Dense(1)])
-    stopper = train.ResumableEarlyStopping(tmp_path, monitor=train.SELECTION, mode="max", patience=2,
+    stopper = training.ResumableEarlyStopping(tmp_path, monitor=training.SELECTION, mode="max", patience=2,
                                            restore_best_weights=True)
     stopper.set_model(tiny)
     tiny.stop_training = False
@@ -205,7 +211,7 @@ def test_early_stopping_counts_characters_while_no_captcha_is_read_whole(tmp_pat
     epochs = [(0, 0.1), (0, 0.2), (0, 0.3), (0, 0.4), (0, 0.5), (3, 0.6), (3, 0.55), (3, 0.58), (2, 0.9)]
     stopped_after = None
     for epoch, (whole, characters) in enumerate(epochs):
-        stopper.on_epoch_end(epoch, {train.SELECTION: whole + characters})
+        stopper.on_epoch_end(epoch, {training.SELECTION: whole + characters})
         if tiny.stop_training:
             stopped_after = epoch
             break
@@ -234,14 +240,14 @@ def test_distortions_move_the_picture_within_its_frame_and_fill_from_its_border(
     pictures = np.full((16, 32, 64, 3), 90, np.uint8)
     pictures[:, 10:22, 24:40] = 250  # a bright block on a grey ground
     settings = {"shift": 0.1, "rotate": 10.0, "scale": 0.1, "warp": 0.3, "blur": 0.8, "noise": 0.03}
-    first, again = (train.distort(pictures, np.random.default_rng(7), **settings) for _ in range(2))
+    first, again = (training.distort(pictures, np.random.default_rng(7), **settings) for _ in range(2))
     assert first.dtype == np.uint8 and first.shape == pictures.shape and np.array_equal(first, again)
-    assert np.array_equal(train.distort(pictures, np.random.default_rng(7)), pictures)
-    moved = train.distort(pictures, np.random.default_rng(7), shift=0.1)
+    assert np.array_equal(training.distort(pictures, np.random.default_rng(7)), pictures)
+    moved = training.distort(pictures, np.random.default_rng(7), shift=0.1)
     columns = [np.flatnonzero(image[16, :, 0] > 170) for image in moved]
     offsets = np.array([(c.min() + c.max()) / 2 - 31.5 for c in columns])
     assert np.all(np.abs(offsets) <= 0.1 * 64 + 1) and np.count_nonzero(offsets) > 8
-    turned = train.distort(pictures, np.random.default_rng(7), rotate=10.0, scale=0.1, warp=0.3)
+    turned = training.distort(pictures, np.random.default_rng(7), rotate=10.0, scale=0.1, warp=0.3)
     assert turned.min() >= 89  # bilinear blends of grey and white only: no black corners
 
 
@@ -251,11 +257,9 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
     inference mode, reads the training images about as well as fit reported while training on them;
     and the held-out accuracy train.py recorded is what evaluate.py reports for the saved model. Last,
     the int8 export train.py makes: scored on the held-out split, the run is read through it where it
-    loses at most export.int8_allowed_loss, and reads the split as that score says.
+    loses at most run.int8_allowed_loss, and reads the split as that score says.
     (One run for all: a training run is the suite's costliest step.)"""
-    import evaluate
-    import export
-    from predict import Recognizer
+    from recognizer import Recognizer
 
     folder = colour_coded(tmp_path / "coded", 96)
     run_dir = tmp_path / "run"
@@ -280,7 +284,7 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
     assert "resuming" in result.stdout
     with open(history) as f:
         rows = list(csv.DictReader(f))
-    assert [int(row["epoch"]) for row in rows] == [0, 1, 2, 3]
+    assert [int(row["epoch"]) for row in rows] == [1, 2, 3, 4]  # numbered as the log and the metadata number them
 
     metadata = json.loads((run_dir / "metadata.json").read_text())
     chosen = rows[metadata["epoch"] - 1]
@@ -295,8 +299,8 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
     # held-out scores that chose its epoch were misreadings too.
     assert inference_accuracy > best_fit_accuracy - 0.15
 
-    root, items, _, _ = evaluate.held_out_items(run_dir, None, "sensitive")
-    report, _ = evaluate.evaluate(recognizer, items, root)
+    root, items, _, _ = held_out_items(run_dir, None, "sensitive")
+    report, _ = scoring.score_items(recognizer, items, root)
     assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
     assert report["per_position_accuracy"] == [float(chosen[f"val_char_{i}_accuracy"]) for i in (1, 2)]
 
@@ -304,13 +308,13 @@ def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(
     check = json.loads((run_dir / "export" / "model.int8.onnx.json").read_text())["held_out_check"]
     assert check["keras_whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
     loss = check["keras_whole_string_accuracy"] - check["whole_string_accuracy"]
-    assert check["max_loss"] == export.int8_allowed_loss(check["images"]) == 1 / 24  # one captcha of 24
+    assert check["max_loss"] == int8_allowed_loss(check["images"]) == 1 / 24  # one captcha of 24
     assert check["read_by_run"] == (loss <= check["max_loss"] + 1e-9)
     assert "held-out split: the int8 export reads" in result.stdout
     reader = Recognizer.load(run_dir)
     assert reader.source == (int8 if check["read_by_run"] else run_dir / "model.keras")
     recorded = check["whole_string_accuracy"] if check["read_by_run"] else metadata["held_out_whole_string_accuracy"]
-    assert evaluate.evaluate(reader, items, root)[0]["whole_string_accuracy"] == recorded
+    assert scoring.score_items(reader, items, root)[0]["whole_string_accuracy"] == recorded
 
 
 def test_a_second_train_on_a_live_run_dir_is_refused_naming_the_first(tmp_path, digits, cache_dir):
@@ -322,18 +326,18 @@ def test_a_second_train_on_a_live_run_dir_is_refused_naming_the_first(tmp_path, 
                               *[arg for o in settings for arg in ("--set", o)]],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     try:
-        deadline, lock = time.time() + 240, run / train.LOCK_FILE
+        deadline, lock = time.time() + 240, run / LOCK_FILE
         while first.poll() is None and time.time() < deadline and not (
                 lock.exists() and lock.read_text().strip() == str(first.pid)):
             time.sleep(0.05)
         assert first.poll() is None, "the first train.py must still be training"
-        with pytest.raises(config.UserError, match=f"another process \\(pid {first.pid}\\) is training into {run}"):
+        with pytest.raises(UserError, match=f"another process \\(pid {first.pid}\\) is training into {run}"):
             train.train(config.load_config(None, settings), run)
     finally:
         first.kill()
         first.wait()
-    train.lock_run_dir(run)  # raises if the killed process's lock still blocked the resume
-    train.held_locks.pop(os.path.abspath(run)).close()
+    run_lock(run)  # raises if the killed process's lock still blocked the resume
+    held_locks.pop(os.path.abspath(run)).close()
 
 
 def test_resuming_on_changed_data_is_refused(tmp_path, digits, cache_dir, monkeypatch):
@@ -349,7 +353,7 @@ def test_resuming_on_changed_data_is_refused(tmp_path, digits, cache_dir, monkey
     with pytest.raises(Interrupted):
         train.train(cfg, run)
     copy_digits(digits, folder, 10, start=30)
-    with pytest.raises(config.UserError, match=r"changed since .*27 to train and 3 held out then, 36 and 4 now"):
+    with pytest.raises(UserError, match=r"changed since .*27 to train and 3 held out then, 36 and 4 now"):
         train.train(cfg, run)
     for path in data.find_images(digits)[30:40]:
         (folder / path.name).unlink()
@@ -357,7 +361,7 @@ def test_resuming_on_changed_data_is_refused(tmp_path, digits, cache_dir, monkey
         train.train(cfg, run)
     split = json.loads((run / "split.json").read_text())
     (run / "split.json").write_text(json.dumps({**split, "digest": "older", "digest_version": 1}))
-    with pytest.raises(config.UserError, match=r"started by an older version of train.py, .* another --run-dir"):
+    with pytest.raises(UserError, match=r"started by an older version of train.py, .* another --run-dir"):
         train.train(cfg, run)
 
 
@@ -370,8 +374,8 @@ def test_identical_images_never_take_a_whole_side_of_the_split(tmp_path, digits,
     source = data.find_images(digits)[0].read_bytes()
     for i in range(41):
         (folder / f"1234_{i}.png").write_bytes(source)
-    with pytest.raises(config.UserError, match="all 41 readable images are identical"):
-        train.prepare_data(tiny_config(folder, cache_dir))
+    with pytest.raises(UserError, match="all 41 readable images are identical"):
+        data.load_dataset(tiny_config(folder, cache_dir))
 
 
 def test_duplicates_are_found_by_their_pixels_and_kept_on_one_side(tmp_path, digits, cache_dir, capsys):
@@ -380,7 +384,7 @@ def test_duplicates_are_found_by_their_pixels_and_kept_on_one_side(tmp_path, dig
     for path in data.find_images(digits)[:20]:
         Image.open(path).save(folder / f"{path.stem}_a.png")
         Image.open(path).save(folder / f"{path.stem}_b.bmp")
-    dataset = train.prepare_data(tiny_config(folder, cache_dir, "data.test_fraction=0.3"))
+    dataset = data.load_dataset(tiny_config(folder, cache_dir, "data.test_fraction=0.3"))
     pair = {side: {dataset["items"][i][0].stem[:-2] for i in dataset[side]} for side in ("train", "test")}
     assert len(pair["test"]) >= 5 and not pair["train"] & pair["test"]
     assert "20 duplicate images (20 groups" in capsys.readouterr().out
@@ -395,10 +399,10 @@ def test_label_rows_outside_the_data_folder_are_refused_unless_allowed(tmp_path,
         *inside_rows, f"../elsewhere/{escaping[0].name},{escaping[0].name[:4]}",
         f"{escaping[1]},{escaping[1].name[:4]}", "../../../../../../etc/passwd,1234"]))
     labels = f"data.labels={tmp_path / 'labels.csv'}"
-    dataset = train.prepare_data(tiny_config(folder, cache_dir, labels))
+    dataset = data.load_dataset(tiny_config(folder, cache_dir, labels))
     assert len(dataset["items"]) == 2
     assert "3 rows name files outside" in capsys.readouterr().out
-    dataset = train.prepare_data(tiny_config(folder, cache_dir, labels, "data.allow_outside_dir=true"))
+    dataset = data.load_dataset(tiny_config(folder, cache_dir, labels, "data.allow_outside_dir=true"))
     used = {dataset["items"][i][0].resolve() for i in [*dataset["train"], *dataset["test"]]}
     assert used == {*folder.iterdir(), *outside.iterdir()}  # and /etc/passwd, even allowed, is no captcha
 
@@ -408,11 +412,11 @@ def test_run_dir_or_config_paths_of_the_wrong_kind_are_one_clear_line(tmp_path, 
     a_file.write_text("not a folder")
     settings = [arg for o in overrides(f"data.dir={digits}", cache_dir=cache_dir) for arg in ("--set", o)]
     for run_dir in (a_file, a_file / "run"):
-        with pytest.raises(config.UserError, match=f"--run-dir {run_dir}: {a_file} is a file, not a folder"):
+        with pytest.raises(UserError, match=f"--run-dir {run_dir}: {a_file} is a file, not a folder"):
             train.main(["--run-dir", str(run_dir), *settings])
-    with pytest.raises(config.UserError, match=f"config file {tmp_path} cannot be read: Is a directory"):
+    with pytest.raises(UserError, match=f"config file {tmp_path} cannot be read: Is a directory"):
         train.main(["--config", str(tmp_path), *settings])
-    with pytest.raises(config.UserError, match=f"label file {tmp_path} cannot be read: Is a directory"):
+    with pytest.raises(UserError, match=f"label file {tmp_path} cannot be read: Is a directory"):
         train.main(["--run-dir", str(tmp_path / "run"), *settings, "--set", f"data.labels={tmp_path}"])
 
 

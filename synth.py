@@ -1,0 +1,156 @@
+"""Synthetic captchas: drawn in the style of the `captcha` package, from a seed, in parallel.
+
+Every image is drawn from its own generator, seeded by the set's seed and its index, so the same
+seed gives the same files whatever the number of processes.
+"""
+import multiprocessing
+import os
+import random
+import string
+import time
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from tqdm import tqdm
+
+CHARSET = string.digits + string.ascii_uppercase
+SIZE = (64, 128)
+# The set train.py draws when data.dir is the shipped default and does not exist yet.
+DEFAULT_SET = {"count": 10_000, "charset": CHARSET, "size": SIZE}
+
+
+def font_files():
+    """The fonts every install has: the `captcha` package's own, DroidSansMono."""
+    import captcha.image
+
+    return captcha.image.DEFAULT_FONTS
+
+
+class CaptchaStyle:
+    """The drawing of the `captcha` package's ImageCaptcha, its parameters kept, its randomness taken
+    from a seeded generator (the package draws from the `secrets` module, which cannot be seeded)."""
+
+    font_sizes = (42, 50, 56)
+    offset = (4, 6)  # each character's random offset in its box, at most (dx, dy)
+    rotate = 30  # degrees either way
+    warp = ((0.1, 0.3), (0.2, 0.3))  # each character's quad warp, as a fraction of its width and height
+    space_probability = 0.5
+    overlap = 0.25  # of the average character width
+    dots, dot_width = 30, 3
+    lookup_table = [int(i * 1.97) for i in range(256)]
+
+    def __init__(self, size):
+        self.height, self.width = size
+        self.fonts = [ImageFont.truetype(f, s) for f in font_files() for s in self.font_sizes]
+
+    def draw(self, text, rng):
+        background = tuple(rng.randint(238, 255) for _ in range(3))
+        colour = (*(rng.randint(10, 200) for _ in range(3)), rng.randint(220, 255))
+        image = self.characters(text, colour, background, rng)
+        pen = ImageDraw.Draw(image)
+        for _ in range(self.dots):
+            x, y = rng.randint(0, self.width), rng.randint(0, self.height)
+            pen.line(((x, y), (x - 1, y - 1)), fill=colour, width=self.dot_width)
+        self.arc(pen, colour, rng)
+        return image.filter(ImageFilter.SMOOTH)
+
+    def arc(self, pen, colour, rng):
+        w, h = self.width, self.height
+        x1 = rng.randint(0, w // 5)
+        x2 = rng.randint(w // 5, w)
+        y1 = rng.randint(h // 5, h - h // 5)
+        y2 = rng.randint(y1, h - h // 5)
+        pen.arc([x1, y1, x2, max(y1, y2)], rng.randint(0, 20), rng.randint(160, 200), fill=colour)
+
+    def character(self, char, colour, rng):
+        font = rng.choice(self.fonts)
+        _, _, w, h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((1, 1), char, font=font)
+        dx, dy = rng.randint(0, self.offset[0]), rng.randint(0, self.offset[1])
+        im = Image.new("RGBA", (int(w) + dx, int(h) + dy))
+        ImageDraw.Draw(im).text((dx, dy), char, font=font, fill=colour)
+        box = im.getbbox()
+        im = im.crop(box) if box else im
+        im = im.rotate(rng.uniform(-self.rotate, self.rotate), Image.Resampling.BILINEAR, expand=True)
+        (low_x, high_x), (low_y, high_y) = self.warp
+        dx2 = w * rng.random() * (high_x - low_x) + low_x
+        dy2 = h * rng.random() * (high_y - low_y) + low_y
+        x1, y1, x2, y2 = (int(rng.uniform(-d, d)) for d in (dx2, dy2, dx2, dy2))
+        w2, h2 = int(w) + abs(x1) + abs(x2), int(h) + abs(y1) + abs(y2)
+        quad = (x1, y1, -x1, h2 - y2, w2 + x2, h2 + y2, w2 - x2, -y1)
+        return im.resize((w2, h2)).transform((int(w), int(h)), Image.Transform.QUAD, quad)
+
+    def characters(self, text, colour, background, rng):
+        pieces = []
+        for char in text:
+            if rng.random() > self.space_probability:
+                pieces.append(self.character(" ", colour, rng))
+            pieces.append(self.character(char, colour, rng))
+        text_width = sum(piece.size[0] for piece in pieces)
+        width = max(text_width, self.width)
+        image = Image.new("RGB", (width, self.height), background)
+        average = int(text_width / len(text))
+        offset = int(average * 0.1)
+        for piece in pieces:
+            w, h = piece.size
+            image.paste(piece, (offset, int((self.height - h) / 2)), piece.convert("L").point(self.lookup_table))
+            offset += w - rng.randint(0, int(self.overlap * average))
+        return image.resize((self.width, self.height)) if width > self.width else image
+
+
+def label_for(index, lengths, charset, rng):
+    """The index-th label of a set: lengths [shortest, longest] take equal shares, in turn."""
+    shortest, longest = lengths
+    return "".join(rng.choice(charset) for _ in range(shortest + index % (longest - shortest + 1)))
+
+
+def file_name(label, index, lengths):
+    """LABEL_NNNNNNN.png, the index one digit longer than the longest label, so that it can never be
+    taken for the label (data.ambiguous_names)."""
+    return f"{label}_{index:0{max(6, lengths[1] + 1)}d}.png"
+
+
+def draw_range(job):
+    """Draws images start..stop of a set into its folder (a worker's share)."""
+    out, start, stop, lengths, charset, size, seed = job
+    style = CaptchaStyle(size)
+    for index in range(start, stop):
+        rng = random.Random(f"{seed}:{index}")
+        label = label_for(index, lengths, charset, rng)
+        style.draw(label, rng).save(Path(out) / file_name(label, index, lengths))
+    return stop - start
+
+
+def draw_set(out, count, lengths=(4, 4), charset=CHARSET, size=SIZE, seed=0, processes=None):
+    """Writes `count` captchas into out as LABEL_NNNNNNN.png, in parallel processes where there are cores
+    to spare; the same seed gives the same files. lengths: [shortest, longest]."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    processes = processes or max(1, min(os.cpu_count() or 1, count // 500))
+    chunk = max(1, min(500, -(-count // processes)))
+    jobs = [(str(out), start, min(count, start + chunk), list(lengths), charset, tuple(size), seed)
+            for start in range(0, count, chunk)]
+    started = time.perf_counter()
+    with tqdm(total=count, desc=f"drawing captchas into {out}", unit="img") as bar:
+        if processes > 1 and "fork" in multiprocessing.get_all_start_methods():
+            with multiprocessing.get_context("fork").Pool(processes) as pool:
+                for done in pool.imap_unordered(draw_range, jobs):
+                    bar.update(done)
+        else:
+            for job in jobs:
+                bar.update(draw_range(job))
+    seconds = time.perf_counter() - started
+    print(f"drew {count} captchas in {seconds:.1f} s: {count / seconds:.0f} images/s on {processes} "
+          f"process{'es' if processes > 1 else ''}")
+
+
+def undrawable(charset):
+    """The characters of charset that draw_set cannot draw: its font has no glyph for them (CJK, for
+    one), and would draw each as the same empty box."""
+    font = ImageFont.truetype(font_files()[0], 40)
+
+    def glyph(character):
+        mask = font.getmask(character)
+        return mask.size, bytes(mask)
+
+    no_glyph = glyph("\U0010FFFD")  # a private-use code point, which no font draws
+    return "".join(character for character in charset if glyph(character) == no_glyph)

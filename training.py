@@ -1,0 +1,311 @@
+"""The parts of a training run that train.py puts together: batches, callbacks, devices, self-training."""
+import contextlib
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+from tqdm import tqdm
+
+import atomic
+import data
+from cli import UserError, import_keras, warn
+from model import recompute_batchnorm
+from recognizer import Recognizer, keras_batch_function
+from scoring import score_readings
+
+keras = import_keras()
+
+MONITOR = "val_whole_string_accuracy"
+SELECTION = "val_selection_score"  # what early stopping maximises: see HeldOutAccuracy
+
+
+class Batches(keras.utils.PyDataset):
+    """Shuffled training batches gathered from the decoded uint8 array, with one-hot targets per head,
+    randomly distorted where `augmentation` asks (see distort).
+
+    Every batch is full, so that it splits evenly over data-parallel replicas. With several
+    processes feeding one global batch (JAX across hosts), each takes its own share of it."""
+
+    def __init__(self, images, indices, targets, num_classes, batch_size, seed, steps, process=(0, 1),
+                 augmentation=None, **kwargs):
+        super().__init__(**kwargs)
+        index, count = process
+        self.images, self.targets, self.num_classes = images, targets, num_classes
+        self.batch_size = batch_size // count
+        self.indices = np.asarray(indices)[index::count]
+        self.seed, self.epoch, self.augmentation, self.steps = seed, 0, augmentation, steps
+        self.order = self.shuffled()
+
+    def shuffled(self):
+        """The epoch's order: as many passes over the images, each shuffled anew, as its steps need."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        passes = -(-self.steps * self.batch_size // len(self.indices))
+        return np.concatenate([rng.permutation(self.indices) for _ in range(passes)])
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, i):
+        # Sorted, so that a memory-mapped array is read in file order.
+        batch = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
+        x = self.images[batch]
+        if self.augmentation:  # a generator of its own per batch: batches are made in parallel threads
+            x = distort(x, np.random.default_rng([self.seed, self.epoch, i]), **self.augmentation)
+        one_hot = np.eye(self.num_classes, dtype=np.float32)[self.targets[batch]]
+        return x, tuple(one_hot[:, position] for position in range(one_hot.shape[1]))
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self.order = self.shuffled()
+
+
+def distort(pixels, rng, shift=0.0, rotate=0.0, scale=0.0, warp=0.0, blur=0.0, noise=0.0):
+    """Random changes of the kind one site's captchas differ by: each image is moved by up to
+    `shift` of its size, turned by up to `rotate` degrees, scaled by up to `scale`, warped by moving
+    the inner corners of a 2x4 mesh by up to `warp` of a cell, blurred with a radius up to `blur`
+    pixels, and given Gaussian noise of up to `noise` x 255. Uncovered pixels take the border's colour.
+    Pillow holds the GIL in its transforms, so the batch's threads share one core: one transform an
+    image, and the rest done for the whole batch at once."""
+    count, height, width = pixels.shape[:3]
+    border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], axis=1)
+    fills = np.median(border, axis=1).astype(int).tolist()
+    rows, cols = 2, 4
+    grid_x = np.linspace(0, width, cols + 1)[None, :].repeat(rows + 1, 0)
+    grid_y = np.linspace(0, height, rows + 1)[:, None].repeat(cols + 1, 1)
+    cells = [(r, c) for r in range(rows) for c in range(cols)]
+    boxes = [(round(grid_x[0, c]), round(grid_y[r, 0]), round(grid_x[0, c + 1]), round(grid_y[r + 1, 0]))
+             for r, c in cells]
+    inner = (slice(1, -1), slice(1, -1))  # the outline stays, so nothing leaves the frame
+    out = np.empty(pixels.shape, np.float32)
+    for k, image in enumerate(pixels):
+        angle, zoom = np.radians(rng.uniform(-rotate, rotate)), 1 + rng.uniform(-scale, scale)
+        dx, dy = rng.uniform(-shift, shift) * width, rng.uniform(-shift, shift) * height
+        x, y = grid_x.copy(), grid_y.copy()
+        if warp:
+            x[inner] += rng.uniform(-warp, warp, x[inner].shape) * width / cols
+            y[inner] += rng.uniform(-warp, warp, y[inner].shape) * height / rows
+        # Each mesh cell of the output reads the quadrilateral that its warped corners come from
+        # under the inverse of turn, zoom and move: the two in one resampling.
+        cos, sin, cx, cy = np.cos(angle) / zoom, np.sin(angle) / zoom, width / 2, height / 2
+        source_x = cos * (x - cx - dx) + sin * (y - cy - dy) + cx
+        source_y = -sin * (x - cx - dx) + cos * (y - cy - dy) + cy
+        corners = np.stack([source_x, source_y], axis=-1).tolist()
+        mesh = [(box, (*corners[r][c], *corners[r + 1][c], *corners[r + 1][c + 1], *corners[r][c + 1]))
+                for box, (r, c) in zip(boxes, cells)]
+        picture = Image.fromarray(image).transform((width, height), Image.Transform.MESH, mesh,
+                                                   Image.Resampling.BILINEAR, fillcolor=tuple(fills[k]))
+        if blur:
+            picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0, blur)))
+        out[k] = picture
+    if noise:
+        out += rng.standard_normal(out.shape, dtype=np.float32) * (
+            rng.uniform(0, noise, (count, 1, 1, 1)).astype(np.float32) * 255)
+    return np.clip(out, 0, 255).astype(pixels.dtype)
+
+
+class HeldOutAccuracy(keras.callbacks.Callback):
+    """After every epoch, first recomputes the BatchNorm statistics on training images (where
+    batchnorm_images is not empty), then scores the whole held-out split, as evaluate.py does: the
+    same function reads it in the same order and batches, and scoring.score_readings scores it, so
+    that the score recorded for the chosen epoch is what evaluate.py reports.
+
+    model: the inference model (the one saved), whose weights the model being fit shares."""
+
+    def __init__(self, model, images, indices, labels, metadata, batchnorm_images, batch_size):
+        super().__init__()
+        self.inference_model, self.images, self.indices, self.labels = model, images, indices, labels
+        self.metadata, self.batchnorm_images, self.batch_size = metadata, batchnorm_images, batch_size
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs.update(self.scores())
+        logs["epoch_seconds"] = round(time.perf_counter() - self.started, 1)
+
+    def scores(self):
+        """The model's held-out scores, after recomputing its BatchNorm statistics."""
+        if len(self.batchnorm_images):
+            recompute_batchnorm(self.inference_model, self.batchnorm_images, self.batch_size)
+        recognizer = Recognizer(keras_batch_function(self.inference_model), self.metadata)
+        chunks = [self.indices[i:i + 4096] for i in range(0, len(self.indices), 4096)]  # bounded memory
+        readings = [reading for chunk in chunks for reading in recognizer.read(self.images[chunk])]
+        report = score_readings(self.labels, readings, self.metadata["charset"], self.metadata["length"])
+        # Early stopping keeps the epoch that reads the most captchas whole, and among equals the
+        # one that reads the most characters: a small set's first epochs read none whole, yet learn.
+        return {MONITOR: report["whole_string_accuracy"],
+                **{f"val_char_{position}_accuracy": a
+                   for position, a in enumerate(report["per_position_accuracy"], 1)},
+                SELECTION: report["correct"] + float(np.mean(report["per_position_accuracy"]))}
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """EarlyStopping whose best score, patience count and best weights survive a restart, and
+    carry over from one self-training round to the next: they are written to state_dir after
+    every epoch and read back when training resumes. A new round starts its patience afresh."""
+
+    def __init__(self, state_dir, **kwargs):
+        super().__init__(**kwargs)
+        self.state_path = Path(state_dir) / "early_stopping.json"
+        self.weights_path = Path(state_dir) / "best.weights.npz"
+        self.new_round = False
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self.restore()
+        if self.new_round:
+            self.wait = 0
+
+    def restore(self):
+        if self.state_path.exists():
+            state = json.loads(self.state_path.read_text())
+            self.best, self.best_epoch, self.wait = state["best"], state["best_epoch"], state["wait"]
+            with np.load(self.weights_path) as saved:
+                self.best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+
+    def start_from(self, score, weights):
+        """The weights training starts from, scoring `score`, are the best so far (as epoch -1): an
+        epoch must score higher to replace them."""
+        self.best, self.best_epoch, self.wait, self.best_weights = score, -1, 0, weights
+        self.save(-1)
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        self.save(epoch)
+
+    def save(self, epoch):
+        if self.best_epoch == epoch and self.best_weights is not None:
+            with atomic.replacing(self.weights_path) as partial, open(partial, "wb") as f:
+                np.savez(f, *self.best_weights)
+        state = {"best": self.best, "best_epoch": self.best_epoch, "wait": self.wait, "epoch": epoch}
+        atomic.write_text(self.state_path, json.dumps(state))
+
+
+class History(keras.callbacks.CSVLogger):
+    """history.csv, its epochs numbered from 1 as the log and the metadata number them."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)
+
+
+def read_history(run_dir):
+    path = Path(run_dir) / "history.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def trim_history(path, epochs):
+    """Drops history rows of epochs that will run again: a kill after an epoch's row was
+    written, but before its backup, leaves one."""
+    if path.exists():
+        lines = path.read_text().splitlines(keepends=True)
+        atomic.write_text(path, "".join(lines[:1 + epochs]))
+
+
+def completed_epochs(backup_dir):
+    """The epochs BackupAndRestore has saved, which it resumes after."""
+    path = Path(backup_dir) / "training_metadata.json"
+    return json.loads(path.read_text())["epoch"] if path.exists() else 0
+
+
+# ---------------------------------------------------------------- devices
+
+def data_parallel(distribute):
+    """-> (function giving the scope to build and compile in, replicas, (this process, processes), whether
+    each process feeds only its share of every batch), from each backend's own engine. TensorFlow:
+    MirroredStrategy over every GPU in the box (or every CPU device if there is none),
+    MultiWorkerMirroredStrategy across machines when TF_CONFIG describes a cluster. JAX:
+    keras.distribution.DataParallel over every device, across hosts when the KERAS_DISTRIBUTION_*
+    variables describe them."""
+    if distribute == "none":
+        return contextlib.nullcontext, 1, (0, 1), False
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        if "TF_CONFIG" in os.environ:
+            strategy = multi_worker_strategy()
+            cluster = json.loads(os.environ["TF_CONFIG"])
+            workers = len(cluster["cluster"].get("worker", []))
+            # TensorFlow splits every batch over the workers itself.
+            return strategy.scope, strategy.num_replicas_in_sync, (cluster["task"]["index"], workers), False
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+        return strategy.scope, strategy.num_replicas_in_sync, (0, 1), False
+    if backend == "jax":
+        import jax
+
+        if int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES", "1")) > 1:
+            keras.distribution.initialize()
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+        return contextlib.nullcontext, jax.device_count(), (jax.process_index(), jax.process_count()), True
+    raise UserError(f"train.distribute=data_parallel needs the tensorflow or jax backend, not {backend}")
+
+
+def multi_worker_strategy():
+    """TensorFlow's MultiWorkerMirroredStrategy, with a reduce() that takes what Keras's fit hands it.
+    There is no public way around this: fit (checked with Keras 3.15.1 and TensorFlow 2.21) reduces a
+    sample input batch over the workers to build the model, which TensorFlow cannot do for uint8 or
+    nested values, and averages each worker's scalar logs along axis 0, which a scalar lacks."""
+    import tensorflow as tf
+
+    class Strategy(tf.distribute.MultiWorkerMirroredStrategy):
+        def reduce(self, reduce_op, value, axis):
+            def reduce_one(v):
+                local = self.experimental_local_results(v)[0]
+                if not local.dtype.is_floating:
+                    return local  # only its shape and dtype are used
+                return super(Strategy, self).reduce(reduce_op, v, None if local.shape.rank == 0 else axis)
+
+            return tf.nest.map_structure(reduce_one, value)
+
+    return Strategy()
+
+
+# ---------------------------------------------------------------- self-training
+
+def with_pseudo_labels(model, dataset, unlabelled, metadata, round_, threshold, run_dir):
+    """Self-training: reads the unlabelled images with the best model so far, and takes the readings
+    at or above threshold as labels, kept in pseudo_labels.csv. -> (images, targets, training
+    indices) of the labelled training images and the pseudo-labelled ones. A resumed round reads
+    its pseudo-labels back from the CSV, so that it goes on with the same ones; a row whose file has
+    left data.unlabelled since is skipped and counted."""
+    path, fields = run_dir / "pseudo_labels.csv", ["filename", "label", "confidence", "round"]
+    rows = []
+    if path.exists():
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.DictReader(f) if int(row["round"]) <= round_]
+    names = [data.relative_name(p, unlabelled["root"]) for p in unlabelled["paths"]]
+    if not any(int(row["round"]) == round_ for row in rows):
+        recognizer = Recognizer(keras_batch_function(model), metadata)
+        readings = [reading for start in tqdm(range(0, len(names), 1024), desc=f"round {round_}: reading unlabelled",
+                                              unit="chunk")
+                    for reading in recognizer.read(unlabelled["images"][start:start + 1024])]
+        rows += [{"filename": name, "label": r.text, "confidence": f"{r.confidence:.6f}", "round": round_}
+                 for name, r in zip(names, readings) if r.confidence >= threshold]
+        with atomic.opened(path, newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(rows)
+    position = {name: i for i, name in enumerate(names)}
+    this_round = [row for row in rows if int(row["round"]) == round_]
+    taken = [(position[row["filename"]], row["label"]) for row in this_round if row["filename"] in position]
+    if len(taken) < len(this_round):
+        gone = [row["filename"] for row in this_round if row["filename"] not in position]
+        warn(f"{len(gone)} pseudo-labelled captchas of round {round_} are no longer in {unlabelled['root']} and are "
+             f"left out, such as {gone[0]}")
+    print(f"self-training round {round_}: {len(taken)} of {len(names)} unlabelled captchas read with confidence "
+          f">= {threshold} join the {len(dataset['train'])} labelled ones (see {path.name})")
+    chosen = np.array([i for i, _ in taken], dtype=np.int64)
+    pseudo_targets = np.zeros((len(names), dataset["targets"].shape[1]), dtype=dataset["targets"].dtype)
+    if taken:
+        pseudo_targets[chosen] = data.encode([label for _, label in taken], dataset["charset"], pseudo_targets.shape[1])
+    return (np.concatenate([dataset["images"], unlabelled["images"]]),
+            np.concatenate([dataset["targets"], pseudo_targets]),
+            np.concatenate([dataset["train"], len(dataset["images"]) + chosen]))
