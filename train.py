@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import atomic
+import augment
 import data
 import run
 import synth
@@ -244,12 +245,11 @@ def fit_rounds(state, model, extra_callbacks):
         # times, however small the set.
         steps = max(1, len(train_indices) // batch_size, math.ceil(t["min_steps"] / t["epochs"]))
         batches = Batches(images, train_indices, targets, state["classes"], batch_size, d["seed"] + round_, steps,
-                          state["feeds"], augmentation(t),
-                          workers=min(8, os.cpu_count() or 1))  # threads: Pillow's blur and numpy run in parallel
+                          state["feeds"])
         with state["scope"]():
             # Each round fits a model object of its own over the same layers: fit would otherwise resume at
             # the epoch a previous round's BackupAndRestore restored.
-            round_model = keras.Model(model.inputs, model.outputs, name=model.name)
+            round_model = augment.training_model(model, augment.distortion(t, d["seed"] + round_))
             schedule = keras.optimizers.schedules.CosineDecay(state["learning_rate"], decay_steps=t["epochs"] * steps)
             optimizer = (keras.optimizers.AdamW(schedule, weight_decay=t["weight_decay"]) if t["weight_decay"]
                          else keras.optimizers.Adam(schedule))
@@ -278,12 +278,6 @@ def fit_rounds(state, model, extra_callbacks):
                     "steps": progress["steps"] + (epochs_run - progress["epochs"]) * steps}
         atomic.write_text(progress_path, json.dumps(progress))
     state.update(progress=progress, rounds=rounds, chosen=early_stopping.best_epoch + 1)
-
-
-def augmentation(t):
-    """The distort() settings of the config, or None when every one is off."""
-    settings = {name: t[f"augment_{name}"] for name in ("shift", "rotate", "scale", "warp", "blur", "noise")}
-    return settings if any(settings.values()) else None
 
 
 # ---------------------------------------------------------------- finish the run

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
 from tqdm import tqdm
 
 import atomic
@@ -24,20 +23,20 @@ SELECTION = "val_selection_score"  # what early stopping maximises: see HeldOutA
 
 
 class Batches(keras.utils.PyDataset):
-    """Shuffled training batches gathered from the decoded uint8 array, with one-hot targets per head,
-    randomly distorted where `augmentation` asks (see distort).
+    """Shuffled training batches of the decoded uint8 array, with one-hot targets per head. They are
+    handed over as they are: the distortions are computed on the device, in the training step
+    (augment.Distortion).
 
     Every batch is full, so that it splits evenly over data-parallel replicas. With several
     processes feeding one global batch (JAX across hosts), each takes its own share of it."""
 
-    def __init__(self, images, indices, targets, num_classes, batch_size, seed, steps, process=(0, 1),
-                 augmentation=None, **kwargs):
+    def __init__(self, images, indices, targets, num_classes, batch_size, seed, steps, process=(0, 1), **kwargs):
         super().__init__(**kwargs)
         index, count = process
         self.images, self.targets, self.num_classes = images, targets, num_classes
         self.batch_size = batch_size // count
         self.indices = np.asarray(indices)[index::count]
-        self.seed, self.epoch, self.augmentation, self.steps = seed, 0, augmentation, steps
+        self.seed, self.epoch, self.steps = seed, 0, steps
         self.order = self.shuffled()
 
     def shuffled(self):
@@ -52,59 +51,12 @@ class Batches(keras.utils.PyDataset):
     def __getitem__(self, i):
         # Sorted, so that a memory-mapped array is read in file order.
         batch = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
-        x = self.images[batch]
-        if self.augmentation:  # a generator of its own per batch: batches are made in parallel threads
-            x = distort(x, np.random.default_rng([self.seed, self.epoch, i]), **self.augmentation)
         one_hot = np.eye(self.num_classes, dtype=np.float32)[self.targets[batch]]
-        return x, tuple(one_hot[:, position] for position in range(one_hot.shape[1]))
+        return self.images[batch], tuple(one_hot[:, position] for position in range(one_hot.shape[1]))
 
     def on_epoch_end(self):
         self.epoch += 1
         self.order = self.shuffled()
-
-
-def distort(pixels, rng, shift=0.0, rotate=0.0, scale=0.0, warp=0.0, blur=0.0, noise=0.0):
-    """Random changes of the kind one site's captchas differ by: each image is moved by up to
-    `shift` of its size, turned by up to `rotate` degrees, scaled by up to `scale`, warped by moving
-    the inner corners of a 2x4 mesh by up to `warp` of a cell, blurred with a radius up to `blur`
-    pixels, and given Gaussian noise of up to `noise` x 255. Uncovered pixels take the border's colour.
-    Pillow holds the GIL in its transforms, so the batch's threads share one core: one transform an
-    image, and the rest done for the whole batch at once."""
-    count, height, width = pixels.shape[:3]
-    border = np.concatenate([pixels[:, 0], pixels[:, -1], pixels[:, :, 0], pixels[:, :, -1]], axis=1)
-    fills = np.median(border, axis=1).astype(int).tolist()
-    rows, cols = 2, 4
-    grid_x = np.linspace(0, width, cols + 1)[None, :].repeat(rows + 1, 0)
-    grid_y = np.linspace(0, height, rows + 1)[:, None].repeat(cols + 1, 1)
-    cells = [(r, c) for r in range(rows) for c in range(cols)]
-    boxes = [(round(grid_x[0, c]), round(grid_y[r, 0]), round(grid_x[0, c + 1]), round(grid_y[r + 1, 0]))
-             for r, c in cells]
-    inner = (slice(1, -1), slice(1, -1))  # the outline stays, so nothing leaves the frame
-    out = np.empty(pixels.shape, np.float32)
-    for k, image in enumerate(pixels):
-        angle, zoom = np.radians(rng.uniform(-rotate, rotate)), 1 + rng.uniform(-scale, scale)
-        dx, dy = rng.uniform(-shift, shift) * width, rng.uniform(-shift, shift) * height
-        x, y = grid_x.copy(), grid_y.copy()
-        if warp:
-            x[inner] += rng.uniform(-warp, warp, x[inner].shape) * width / cols
-            y[inner] += rng.uniform(-warp, warp, y[inner].shape) * height / rows
-        # Each mesh cell of the output reads the quadrilateral that its warped corners come from
-        # under the inverse of turn, zoom and move: the two in one resampling.
-        cos, sin, cx, cy = np.cos(angle) / zoom, np.sin(angle) / zoom, width / 2, height / 2
-        source_x = cos * (x - cx - dx) + sin * (y - cy - dy) + cx
-        source_y = -sin * (x - cx - dx) + cos * (y - cy - dy) + cy
-        corners = np.stack([source_x, source_y], axis=-1).tolist()
-        mesh = [(box, (*corners[r][c], *corners[r + 1][c], *corners[r + 1][c + 1], *corners[r][c + 1]))
-                for box, (r, c) in zip(boxes, cells)]
-        picture = Image.fromarray(image).transform((width, height), Image.Transform.MESH, mesh,
-                                                   Image.Resampling.BILINEAR, fillcolor=tuple(fills[k]))
-        if blur:
-            picture = picture.filter(ImageFilter.GaussianBlur(rng.uniform(0, blur)))
-        out[k] = picture
-    if noise:
-        out += rng.standard_normal(out.shape, dtype=np.float32) * (
-            rng.uniform(0, noise, (count, 1, 1, 1)).astype(np.float32) * 255)
-    return np.clip(out, 0, 255).astype(pixels.dtype)
 
 
 class HeldOutAccuracy(keras.callbacks.Callback):

@@ -233,22 +233,43 @@ def colour_coded(folder, count, seed=0):
     return folder
 
 
-def test_distortions_move_the_picture_within_its_frame_and_fill_from_its_border():
-    """The same generator gives the same batch (a resumed run sees the epoch it lost); nothing off
-    leaves the image as it was; a shift moves it by no more than asked; uncovered pixels take the
-    border's grey, never black."""
+def test_distortions_run_in_training_only_each_image_its_own_and_keep_the_picture_in_its_frame():
+    """The device-side distortions: off outside training; a batch of one picture comes out as many; a
+    shift moves it by no more than asked; uncovered pixels take the border's grey, never black; at the
+    shipped strengths the bright block (the label-bearing content) stays whole inside the frame."""
+    import augment
+
     pictures = np.full((16, 32, 64, 3), 90, np.uint8)
     pictures[:, 10:22, 24:40] = 250  # a bright block on a grey ground
-    settings = {"shift": 0.1, "rotate": 10.0, "scale": 0.1, "warp": 0.3, "blur": 0.8, "noise": 0.03}
-    first, again = (training.distort(pictures, np.random.default_rng(7), **settings) for _ in range(2))
-    assert first.dtype == np.uint8 and first.shape == pictures.shape and np.array_equal(first, again)
-    assert np.array_equal(training.distort(pictures, np.random.default_rng(7)), pictures)
-    moved = training.distort(pictures, np.random.default_rng(7), shift=0.1)
+    layer = augment.Distortion(shift=0.1, rotate=10.0, scale=0.1, warp=0.3, blur=0.8, noise=0.03, seed=7)
+    assert np.array_equal(np.asarray(layer(pictures, training=False)), pictures)
+    assert np.array_equal(np.asarray(layer(pictures)), pictures)  # inference is the default
+    first = np.asarray(layer(pictures, training=True))
+    assert first.dtype == np.uint8 and first.shape == pictures.shape
+    assert len({image.tobytes() for image in first}) == len(first)  # random per image
+
+    moved = np.asarray(augment.Distortion(shift=0.1, seed=7)(pictures, training=True))
     columns = [np.flatnonzero(image[16, :, 0] > 170) for image in moved]
     offsets = np.array([(c.min() + c.max()) / 2 - 31.5 for c in columns])
-    assert np.all(np.abs(offsets) <= 0.1 * 64 + 1) and np.count_nonzero(offsets) > 8
-    turned = training.distort(pictures, np.random.default_rng(7), rotate=10.0, scale=0.1, warp=0.3)
+    assert np.all(np.abs(offsets) <= 0.1 * 64 + 1) and np.count_nonzero(np.abs(offsets) > 0.5) > 8
+    turned = np.asarray(augment.Distortion(rotate=10.0, scale=0.1, warp=0.3, seed=7)(pictures, training=True))
     assert turned.min() >= 89  # bilinear blends of grey and white only: no black corners
+
+    shipped = augment.distortion(config.load_config()["train"], seed=7)
+    bright = np.asarray(shipped(np.concatenate([pictures] * 4), training=True))[..., 0] > 170
+    area = np.count_nonzero(pictures[0, ..., 0] > 170)
+    assert np.all(np.abs(bright.sum(axis=(1, 2)) / area - 1) < 0.3)  # scaled by at most 8%, blurred a little
+    assert not bright[:, [0, -1]].any() and not bright[:, :, [0, -1]].any()  # never pushed out of the frame
+
+
+def test_a_saved_model_holds_no_distortion(trained_run):
+    import zipfile
+
+    with zipfile.ZipFile(trained_run / "model.keras") as archive:
+        saved = archive.read("config.json").decode()
+    assert "Distortion" not in saved and "distortion" not in saved
+    keras_model, _ = model.load_model(trained_run)
+    assert [layer.name for layer in keras_model.layers][:2] == ["pixels", "normalise"]
 
 
 def test_killed_mid_run_the_same_command_resumes_and_the_model_reads_as_fit_did(tmp_path, cache_dir):
