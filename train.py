@@ -27,7 +27,7 @@ from config import DEFAULTS_PATH, load_config
 from model import (ImageNetUnavailable, build_model, copy_weights, load_model, preprocessing_for, resolve_precision,
                    save_model, with_precision)
 from training import (MONITOR, SELECTION, Batches, HeldOutAccuracy, History, ResumableEarlyStopping,
-                      completed_epochs, data_parallel, read_history, trim_history, with_pseudo_labels)
+                      completed_epochs, data_parallel, epoch_arrays, read_history, trim_history, with_pseudo_labels)
 
 keras = import_keras()
 
@@ -244,8 +244,12 @@ def fit_rounds(state, model, extra_callbacks):
         # than train.min_steps / train.epochs steps: so the held-out split is scored train.epochs
         # times, however small the set.
         steps = max(1, len(train_indices) // batch_size, math.ceil(t["min_steps"] / t["epochs"]))
-        batches = Batches(images, train_indices, targets, state["classes"], batch_size, d["seed"] + round_, steps,
-                          state["feeds"])
+        if state["feeds"] == (0, 1) and not isinstance(images, np.memmap):  # in memory, one process feeding
+            x, y = epoch_arrays(images, train_indices, targets, state["classes"], batch_size, d["seed"] + round_, steps)
+            inputs = {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}
+        else:  # streamed from the memory-mapped cache, or each process feeding its share of every batch
+            inputs = {"x": Batches(images, train_indices, targets, state["classes"], batch_size, d["seed"] + round_,
+                                   steps, state["feeds"])}
         with state["scope"]():
             # Each round fits a model object of its own over the same layers: fit would otherwise resume at
             # the epoch a previous round's BackupAndRestore restored.
@@ -271,7 +275,7 @@ def fit_rounds(state, model, extra_callbacks):
             callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
         trim_history(run_dir / "history.csv", completed_epochs(backup) or progress["epochs"])
         early_stopping.new_round = round_ > 0 and not completed_epochs(backup)
-        round_model.fit(batches, initial_epoch=progress["epochs"], epochs=progress["epochs"] + t["epochs"],
+        round_model.fit(**inputs, initial_epoch=progress["epochs"], epochs=progress["epochs"] + t["epochs"],
                         callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
         epochs_run = len(read_history(run_dir))
         progress = {**progress, "rounds": round_ + 1, "epochs": epochs_run,

@@ -5,8 +5,9 @@ onto the device.
                              [--out bench/results/pipeline]
 
 It times, on this machine and its Keras backend:
-- loader: images per second that the training batches deliver, distorted where the code distorts them
-  (before: Pillow on the host, in the batch's threads; after: nothing to do, uint8 pixels as they are);
+- loader: images per second that the training input delivers, distorted where the code distorts them
+  (before: a PyDataset distorting with Pillow on the host, in the batch's threads; after: the epoch's
+  uint8 arrays, which fit shuffles, the distortions being computed in the step);
 - step: seconds per training step of the shipped model (Xception, random weights), with the shipped
   distortions and without, after a warm-up.
 --code is the checkout to measure (a `git worktree` of an older commit measures "before"); a row is
@@ -54,21 +55,25 @@ def main():
         keras = training.keras
     from model import build_model
 
-    def batches(distorted):
-        steps = args.steps + 3
+    steps = args.steps + 3
+
+    def inputs(distorted):
+        """fit's inputs, as train.py gives them: before, a PyDataset distorting on the host; after, arrays."""
         if after:
-            return training.Batches(images, np.arange(len(images)), targets, 10, args.batch, 0, steps, workers=2)
-        return training.Batches(images, np.arange(len(images)), targets, 10, args.batch, 0, steps,
-                                augmentation=training.augmentation(train_settings) if distorted else None,
-                                workers=min(8, os.cpu_count() or 1))
+            x, y = training.epoch_arrays(images, np.arange(len(images)), targets, 10, args.batch, 0, steps)
+            return {"x": x, "y": y, "batch_size": args.batch, "shuffle": True}
+        return {"x": training.Batches(images, np.arange(len(images)), targets, 10, args.batch, 0, steps,
+                                      augmentation=training.augmentation(train_settings) if distorted else None,
+                                      workers=min(8, os.cpu_count() or 1))}
 
     rows = []
     for distorted in (True, False):
-        loader = batches(distorted)
         started = time.perf_counter()
-        for i in range(len(loader)):
-            loader[i]
-        loader_rate = len(loader) * args.batch / (time.perf_counter() - started)
+        loader = inputs(distorted)["x"]
+        if not after:
+            for i in range(len(loader)):
+                loader[i]
+        loader_rate = steps * args.batch / (time.perf_counter() - started)
         model, _ = build_model((height, width), 4, 10, "Xception", "none")
         fitted = model
         if after:
@@ -76,7 +81,7 @@ def main():
         fitted.compile(optimizer=keras.optimizers.Adam(1e-3), loss=[keras.losses.CategoricalCrossentropy()] * 4)
         ends = []
         timer = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
-        fitted.fit(batches(distorted), epochs=1, verbose=0, callbacks=[timer])
+        fitted.fit(**inputs(distorted), epochs=1, verbose=0, callbacks=[timer])
         step = float(np.median(np.diff(ends[2:])))  # between the ends of consecutive steps, after the warm-up
         rows.append({"distortions": "on" if distorted else "off", "loader_images_per_s": f"{loader_rate:.0f}",
                      "step_s": f"{step:.3f}"})
