@@ -5,7 +5,6 @@ The shipped config.yaml holds every key with its default; a user's file and
 each keeps the type of its default. Every check a config can fail is made here,
 before a run writes anything.
 """
-import copy
 import difflib
 import re
 from pathlib import Path
@@ -173,11 +172,17 @@ def validate(cfg):
                         f"such as Xception, ResNet50, EfficientNetV2B0 or MobileNetV3Small")
 
 
+def shipped():
+    """The shipped config.yaml's settings, data.length as the code keeps it."""
+    defaults = read_yaml(DEFAULTS_PATH)
+    defaults["data"]["length"] = parse_length(defaults["data"]["length"])
+    return defaults
+
+
 def load_config(path=None, overrides=()):
     """Defaults from the shipped config.yaml, then the user's file, then --set overrides."""
     defaults = read_yaml(DEFAULTS_PATH)
-    cfg = copy.deepcopy(defaults)
-    cfg["data"]["length"] = parse_length(defaults["data"]["length"])
+    cfg = shipped()
     if path is not None and Path(path).resolve() != DEFAULTS_PATH.resolve():
         user = read_yaml(path)
         for section, keys in user.items():

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import atomic
 import synth
 from cli import CsvWriter, UserError, read_csv_cell, run_main
-from config import DEFAULTS_PATH, LENGTH_RULE, MIN_IMAGE_SIDE, parse_length, read_yaml, shown_length
+from config import LENGTH_RULE, MIN_IMAGE_SIDE, parse_length, shipped, shown_length
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # Captchas are small: refuse larger images from their header, before decoding them.
@@ -545,13 +545,18 @@ def split_train_test(digests, test_fraction, seed, strata=None):
 
 # ---------------------------------------------------------------- a data set to train on
 
+def is_quick_start_set(folder):
+    """Whether folder is the shipped default data.dir: the quick start's own set, drawn on first use."""
+    return os.path.abspath(folder) == os.path.abspath(shipped()["data"]["dir"])
+
+
 def load_dataset(cfg, charset_hint=None):
     """Reads, checks and decodes the data set of cfg; prints a short report. Without data.charset, the
     charset is charset_hint (a continued run's) when every label fits it, else inferred."""
     d = cfg["data"]
     root, lengths = Path(d["dir"]), d["length"]
-    if not root.exists() and d["dir"] == os.path.abspath(read_yaml(DEFAULTS_PATH)["data"]["dir"]):
-        print(f"{root} does not exist: drawing the default synthetic set of {synth.DEFAULT_SET['count']} captchas "
+    if not root.exists() and is_quick_start_set(d["dir"]):
+        print(f"{root} does not exist: drawing the quick start's set of {synth.DEFAULT_SET['count']} captchas "
               f"(set data.dir to train on your own)")
         with atomic.replacing(root) as partial:
             synth.draw_set(partial, **{**synth.DEFAULT_SET, "lengths": lengths, "seed": d["seed"],

@@ -3,6 +3,7 @@
 Every image is drawn from its own generator, seeded by the set's seed and its index, so the same
 seed gives the same files whatever the number of processes.
 """
+import dataclasses
 import multiprocessing
 import os
 import random
@@ -15,8 +16,6 @@ from tqdm import tqdm
 
 CHARSET = string.digits + string.ascii_uppercase
 SIZE = (64, 128)
-# The set train.py draws when data.dir is the shipped default and does not exist yet.
-DEFAULT_SET = {"count": 10_000, "charset": CHARSET, "size": SIZE}
 
 
 def font_files():
@@ -26,33 +25,59 @@ def font_files():
     return captcha.image.DEFAULT_FONTS
 
 
-class CaptchaStyle:
-    """The drawing of the `captcha` package's ImageCaptcha, its parameters kept, its randomness taken
-    from a seeded generator (the package draws from the `secrets` module, which cannot be seeded)."""
+@dataclasses.dataclass(frozen=True)
+class Style:
+    """How captchas are drawn. The defaults are the `captcha` package's ImageCaptcha, whose sizes are
+    given for a captcha REFERENCE_HEIGHT pixels high and scale with the height drawn."""
 
-    font_sizes = (42, 50, 56)
-    offset = (4, 6)  # each character's random offset in its box, at most (dx, dy)
-    rotate = 30  # degrees either way
-    warp = ((0.1, 0.3), (0.2, 0.3))  # each character's quad warp, as a fraction of its width and height
-    space_probability = 0.5
-    overlap = 0.25  # of the average character width
-    dots, dot_width = 30, 3
+    font_sizes: tuple = (42, 50, 56)
+    offset: tuple = (4, 6)  # each character's random offset in its box, at most (dx, dy)
+    rotate: float = 30  # degrees either way
+    warp: tuple = ((0.1, 0.3), (0.2, 0.3))  # each character's quad warp, as a fraction of its width and height
+    space_probability: float = 0.5  # a blank as wide as a character before each one
+    overlap: float = 0.25  # of the average character width, at most
+    dots: int = 30
+    dot_width: int = 3
+    arcs: int = 1
+    background: tuple = (238, 255)  # each channel's range
+    ink: tuple = (10, 200)
+    opaque: bool = False  # ink as opaque as its alpha; else as its brightness, the package's way (dark ink fades)
+    smooth: bool = True
+
+
+REFERENCE_HEIGHT = 64
+# The quick start's own set: four digits, drawn small and plain enough that the shipped model learns
+# them from random weights within minutes on a laptop CPU.
+QUICK_START_STYLE = Style(font_sizes=(44, 48, 52), offset=(2, 2), rotate=8, warp=((0.0, 0.1), (0.0, 0.1)),
+                          space_probability=1.0, overlap=0.0, dots=10, dot_width=2, arcs=0, ink=(0, 120), opaque=True)
+# The set train.py draws when data.dir is the shipped default and does not exist yet: the quick start's.
+DEFAULT_SET = {"count": 2400, "charset": string.digits, "size": (32, 80), "style": QUICK_START_STYLE}
+
+
+class Drawer:
+    """Draws captchas of one size in one Style, its randomness taken from a seeded generator (the
+    `captcha` package draws from the `secrets` module, which cannot be seeded)."""
+
     lookup_table = [int(i * 1.97) for i in range(256)]
 
-    def __init__(self, size):
+    def __init__(self, size, style=Style()):
         self.height, self.width = size
-        self.fonts = [ImageFont.truetype(f, s) for f in font_files() for s in self.font_sizes]
+        self.style, scale = style, size[0] / REFERENCE_HEIGHT
+        self.fonts = [ImageFont.truetype(f, max(8, round(s * scale))) for f in font_files() for s in style.font_sizes]
+        self.dot_width = max(1, round(style.dot_width * scale))
 
     def draw(self, text, rng):
-        background = tuple(rng.randint(238, 255) for _ in range(3))
-        colour = (*(rng.randint(10, 200) for _ in range(3)), rng.randint(220, 255))
+        style = self.style
+        background = tuple(rng.randint(*style.background) for _ in range(3))
+        colour = (*(rng.randint(*style.ink) for _ in range(3)), rng.randint(220, 255))
         image = self.characters(text, colour, background, rng)
         pen = ImageDraw.Draw(image)
-        for _ in range(self.dots):
+        for _ in range(style.dots):
             x, y = rng.randint(0, self.width), rng.randint(0, self.height)
             pen.line(((x, y), (x - 1, y - 1)), fill=colour, width=self.dot_width)
-        self.arc(pen, colour, rng)
-        return image.filter(ImageFilter.SMOOTH)
+        for _ in range(style.arcs):
+            self.arc(pen, colour, rng)
+        return image.filter(ImageFilter.SMOOTH) if style.smooth else image
 
     def arc(self, pen, colour, rng):
         w, h = self.width, self.height
@@ -63,15 +88,16 @@ class CaptchaStyle:
         pen.arc([x1, y1, x2, max(y1, y2)], rng.randint(0, 20), rng.randint(160, 200), fill=colour)
 
     def character(self, char, colour, rng):
+        style = self.style
         font = rng.choice(self.fonts)
         _, _, w, h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((1, 1), char, font=font)
-        dx, dy = rng.randint(0, self.offset[0]), rng.randint(0, self.offset[1])
+        dx, dy = rng.randint(0, style.offset[0]), rng.randint(0, style.offset[1])
         im = Image.new("RGBA", (int(w) + dx, int(h) + dy))
         ImageDraw.Draw(im).text((dx, dy), char, font=font, fill=colour)
         box = im.getbbox()
         im = im.crop(box) if box else im
-        im = im.rotate(rng.uniform(-self.rotate, self.rotate), Image.Resampling.BILINEAR, expand=True)
-        (low_x, high_x), (low_y, high_y) = self.warp
+        im = im.rotate(rng.uniform(-style.rotate, style.rotate), Image.Resampling.BILINEAR, expand=True)
+        (low_x, high_x), (low_y, high_y) = style.warp
         dx2 = w * rng.random() * (high_x - low_x) + low_x
         dy2 = h * rng.random() * (high_y - low_y) + low_y
         x1, y1, x2, y2 = (int(rng.uniform(-d, d)) for d in (dx2, dy2, dx2, dy2))
@@ -82,7 +108,7 @@ class CaptchaStyle:
     def characters(self, text, colour, background, rng):
         pieces = []
         for char in text:
-            if rng.random() > self.space_probability:
+            if rng.random() > self.style.space_probability:
                 pieces.append(self.character(" ", colour, rng))
             pieces.append(self.character(char, colour, rng))
         text_width = sum(piece.size[0] for piece in pieces)
@@ -92,8 +118,9 @@ class CaptchaStyle:
         offset = int(average * 0.1)
         for piece in pieces:
             w, h = piece.size
-            image.paste(piece, (offset, int((self.height - h) / 2)), piece.convert("L").point(self.lookup_table))
-            offset += w - rng.randint(0, int(self.overlap * average))
+            mask = piece.getchannel("A") if self.style.opaque else piece.convert("L").point(self.lookup_table)
+            image.paste(piece, (offset, int((self.height - h) / 2)), mask)
+            offset += w - rng.randint(0, int(self.style.overlap * average))
         return image.resize((self.width, self.height)) if width > self.width else image
 
 
@@ -111,26 +138,33 @@ def file_name(label, index, lengths):
 
 def draw_range(job):
     """Draws images start..stop of a set into its folder (a worker's share)."""
-    out, start, stop, lengths, charset, size, seed = job
-    style = CaptchaStyle(size)
+    out, start, stop, lengths, charset, size, seed, style = job
+    drawer = Drawer(size, style)
     for index in range(start, stop):
         rng = random.Random(f"{seed}:{index}")
         label = label_for(index, lengths, charset, rng)
-        style.draw(label, rng).save(Path(out) / file_name(label, index, lengths))
+        drawer.draw(label, rng).save(Path(out) / file_name(label, index, lengths))
     return stop - start
 
 
-def draw_set(out, count, lengths=(4, 4), charset=CHARSET, size=SIZE, seed=0, processes=None):
+def draw_set(out, count, lengths=(4, 4), charset=CHARSET, size=SIZE, seed=0, style=Style(), processes=None,
+             shorten="--count"):
     """Writes `count` captchas into out as LABEL_NNNNNNN.png, in parallel processes where there are cores
-    to spare; the same seed gives the same files. lengths: [shortest, longest]."""
+    to spare; the same seed gives the same files. lengths: [shortest, longest]. Says, after the first few,
+    about how long the rest will take."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     processes = processes or max(1, min(os.cpu_count() or 1, count // 500))
-    chunk = max(1, min(500, -(-count // processes)))
-    jobs = [(str(out), start, min(count, start + chunk), list(lengths), charset, tuple(size), seed)
-            for start in range(0, count, chunk)]
+    probe = min(count, 16)
     started = time.perf_counter()
-    with tqdm(total=count, desc=f"drawing captchas into {out}", unit="img") as bar:
+    draw_range((str(out), 0, probe, list(lengths), charset, tuple(size), seed, style))
+    rate = probe / (time.perf_counter() - started) * processes
+    print(f"drawing {count} captchas on {processes} process{'es' if processes > 1 else ''}: about "
+          f"{max(1, round(count / rate))} s (shortened by {shorten})", flush=True)
+    chunk = max(1, min(500, -(-(count - probe) // processes)))
+    jobs = [(str(out), start, min(count, start + chunk), list(lengths), charset, tuple(size), seed, style)
+            for start in range(probe, count, chunk)]
+    with tqdm(total=count, initial=probe, desc=f"drawing captchas into {out}", unit="img") as bar:
         if processes > 1 and "fork" in multiprocessing.get_all_start_methods():
             with multiprocessing.get_context("fork").Pool(processes) as pool:
                 for done in pool.imap_unordered(draw_range, jobs):

@@ -23,21 +23,31 @@ import data
 import run
 import synth
 from cli import UserError, import_keras, run_main
-from config import DEFAULTS_PATH, load_config
+from config import DEFAULTS_PATH, flatten, load_config, shipped
 from model import (ImageNetUnavailable, build_model, copy_weights, load_model, preprocessing_for, resolve_precision,
                    save_model, with_precision)
 from training import (MONITOR, SELECTION, Batches, HeldOutAccuracy, History, ResumableEarlyStopping,
-                      completed_epochs, data_parallel, epoch_arrays, read_history, trim_history, with_pseudo_labels)
+                      TimeEstimate, completed_epochs, data_parallel, epoch_arrays, read_history, trim_history, with_pseudo_labels)
 
 keras = import_keras()
+# The quick start's own set (data.py draws it where data.dir is the shipped default) trains at the size it is
+# drawn at, for about two minutes on a laptop's CPU, and from random weights where ImageNet's cannot be had:
+# pretraining on drawn captchas teaches nothing for a set the same generator draws. Keys the user set keep
+# the user's values.
+QUICK_START = {"data.image_size": [32, 80], "train.epochs": 2, "train.min_steps": 0, "model.weights_fallback": "none"}
 
 
-def train(cfg, run_dir=None, extra_callbacks=()):
+# What shortens each stage, as its time estimate says.
+TRAINING = ("training", "train.epochs, train.min_steps or data.image_size")
+PRETRAINING = ("pretraining on synthetic captchas", "model.synthetic_epochs or model.synthetic_images")
+
+
+def train(cfg, run_dir=None, extra_callbacks=(), stage=TRAINING):
     """Trains, saves and returns the run directory. extra_callbacks run first after every epoch,
     before the held-out split is scored (the benchmarks add diagnostics there)."""
     state = start_run(cfg, run_dir)
     model = starting_model(state)
-    fit_rounds(state, model, extra_callbacks)
+    fit_rounds(state, model, extra_callbacks, stage)
     return finish_run(state, model)
 
 
@@ -46,7 +56,7 @@ def train(cfg, run_dir=None, extra_callbacks=()):
 def start_run(cfg, run_dir):
     """Reads and checks everything a run needs before it writes anything, then takes and fills its
     folder -> the run's state: its config, folder, data, devices and starting point."""
-    cfg = resolved(cfg)
+    cfg = resolved(quick_start(cfg))
     d, m = cfg["data"], cfg["model"]
     # First: TensorFlow's strategies must exist before anything else runs on a device.
     scope, replicas, (process, processes), feeds_share = data_parallel(cfg["train"]["distribute"])
@@ -76,6 +86,19 @@ def start_run(cfg, run_dir):
     return {"cfg": cfg, "run_dir": run_dir, "dataset": dataset, "unlabelled": unlabelled, "source": source,
             "weights": weights, "scope": scope, "replicas": replicas, "process": process,
             "feeds": (process, processes) if feeds_share else (0, 1)}
+
+
+def quick_start(cfg):
+    """cfg, with the QUICK_START settings where data.dir is the quick start's set and the key is left at its
+    shipped default."""
+    if not data.is_quick_start_set(cfg["data"]["dir"]):
+        return cfg
+    cfg, defaults = copy.deepcopy(cfg), flatten(shipped())
+    for key, value in QUICK_START.items():
+        section, name = key.split(".")
+        if cfg[section][name] == defaults[key]:
+            cfg[section][name] = value
+    return cfg
 
 
 def resolved(cfg):
@@ -153,7 +176,7 @@ def pretrained_on_synthetic(cfg, dataset):
     if not images.exists():  # drawn 64 pixels high, the captcha package's scale, in the input's shape
         with atomic.replacing(images) as partial:
             synth.draw_set(partial, m["synthetic_images"], d["length"], dataset["charset"],
-                           (64, round(64 * width / height)), d["seed"])
+                           (64, round(64 * width / height)), d["seed"], shorten="model.synthetic_images")
     synthetic = copy.deepcopy(cfg)
     synthetic["data"].update(dir=str(images), labels=None, label_pattern=None, charset=dataset["charset"],
                              case="sensitive", image_size=[height, width], max_train_images=0, unlabelled=None)
@@ -161,7 +184,7 @@ def pretrained_on_synthetic(cfg, dataset):
     synthetic["train"].update(epochs=m["synthetic_epochs"], int8_export=False)  # a start, never read as it is
     print(f"model.weights=synthetic: first training on {m['synthetic_images']} synthetic captchas of the set's "
           f"charset and lengths, {m['synthetic_epochs']} epochs, in {run_dir}")
-    return train(synthetic, run_dir)
+    return train(synthetic, run_dir, stage=PRETRAINING)
 
 
 # ---------------------------------------------------------------- build the starting model
@@ -200,7 +223,7 @@ def starting_model(state):
 
 # ---------------------------------------------------------------- fit the rounds
 
-def fit_rounds(state, model, extra_callbacks):
+def fit_rounds(state, model, extra_callbacks, stage):
     """Fits the model on the labelled images, then, with data.unlabelled, once more for each self-training
     round with the captchas it reads surely. Early stopping spans the rounds; its best weights end in model."""
     cfg, run_dir, dataset = state["cfg"], state["run_dir"], state["dataset"]
@@ -263,7 +286,9 @@ def fit_rounds(state, model, extra_callbacks):
                 metrics=[["accuracy"]] * lengths[1],
             )
         backup = run_dir / ("backup" if round_ == 0 else f"backup_round_{round_}")
+        to_go = steps * (progress["epochs"] + t["epochs"] - (completed_epochs(backup) or progress["epochs"]))
         callbacks = [
+            TimeEstimate(f"{stage[0]}{f' (self-training round {round_})' if round_ else ''}", to_go, stage[1]),
             *extra_callbacks,
             held_out,
             # Both before the backup: a kill between them and it repeats an epoch, never skips one.
@@ -354,7 +379,9 @@ def main(argv=None):
                         help="override one config key; repeatable")
     parser.add_argument("--run-dir", help="where to write the run (default: a new folder under runs/)")
     args = parser.parse_args(argv)
-    train(load_config(args.config, args.set), args.run_dir)
+    run_dir = train(load_config(args.config, args.set), args.run_dir)
+    print(f"\ndone: {run_dir}\nnext:\n  python evaluate.py --model {run_dir}\n"
+          f"  python predict.py --model {run_dir} FOLDER_OF_CAPTCHAS")
     return 0
 
 

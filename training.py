@@ -107,6 +107,28 @@ class HeldOutAccuracy(keras.callbacks.Callback):
                 SELECTION: report["correct"] + float(np.mean(report["per_position_accuracy"]))}
 
 
+class TimeEstimate(keras.callbacks.Callback):
+    """A few steps into fitting, one line: the steps to go, how long one takes on this machine, so about how
+    long the stage will take, and the keys that shorten it."""
+
+    def __init__(self, stage, steps, shorten, after=4):
+        super().__init__()
+        self.stage, self.steps, self.shorten, self.after, self.ends = stage, steps, shorten, after, []
+
+    def on_train_batch_end(self, batch, logs=None):
+        if len(self.ends) > self.after:
+            return
+        self.ends.append(time.perf_counter())
+        if len(self.ends) > self.after:  # the first step traces the model: it is not timed
+            step = float(np.median(np.diff(self.ends[1:])))
+            print(f"\n{self.stage}: {self.steps} steps of about {step:.2f} s each on this machine: about "
+                  f"{duration(self.steps * step)} (shortened by {self.shorten})", flush=True)
+
+
+def duration(seconds):
+    return f"{seconds / 3600:.1f} hours" if seconds >= 5400 else f"{max(1, round(seconds / 60))} minutes"
+
+
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """EarlyStopping whose best score, patience count and best weights survive a restart, and
     carry over from one self-training round to the next: they are written to state_dir after

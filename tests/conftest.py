@@ -58,6 +58,17 @@ def run_in_process(script, *args):
     return subprocess.CompletedProcess([script, *args], exit_.value.code or 0, out.getvalue(), err.getvalue())
 
 
+def packages_but_tensorflow(folder):
+    """folder, holding a link to every installed package but TensorFlow: with `python -S` and it as
+    PYTHONPATH, Python sees what a GPU machine with JAX and no TensorFlow has (tensorboard among it)."""
+    folder.mkdir()
+    for site in (Path(p) for p in sys.path if p.endswith("site-packages")):
+        for entry in site.iterdir():
+            if not entry.name.startswith(("tensorflow", "tf_keras")) and not (folder / entry.name).exists():
+                (folder / entry.name).symlink_to(entry)
+    return folder
+
+
 def assert_one_line_error(result, *fragments):
     """A user's mistake: non-zero exit, no traceback, and a message naming what was wrong."""
     assert result.returncode != 0, result.stdout + result.stderr

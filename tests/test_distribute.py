@@ -5,10 +5,9 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, overrides
+from conftest import ROOT, overrides, packages_but_tensorflow
 
 
 def training_args(run_dir, digits, cache_dir, *extra):
@@ -34,17 +33,6 @@ def test_distributed_tensorflow_mirrored_over_two_logical_cpus(tmp_path, digits,
     assert result.returncode == 0, result.stderr[-3000:]
     assert "batch 16 over 2 devices" in result.stdout
     assert len(history(tmp_path / "run")) == 1 and (tmp_path / "run" / "model.keras").exists()
-
-
-def packages_but_tensorflow(folder):
-    """folder, holding a link to every installed package but TensorFlow: with `python -S` and it as
-    PYTHONPATH, Python sees what a GPU machine with JAX and no TensorFlow has (tensorboard among it)."""
-    folder.mkdir()
-    for site in (Path(p) for p in sys.path if p.endswith("site-packages")):
-        for entry in site.iterdir():
-            if not entry.name.startswith(("tensorflow", "tf_keras")) and not (folder / entry.name).exists():
-                (folder / entry.name).symlink_to(entry)
-    return folder
 
 
 def test_distributed_jax_data_parallel_over_two_host_devices_without_tensorflow(tmp_path, digits, cache_dir):

@@ -7,10 +7,15 @@ import io
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
+import httpx
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_in_process, run_script
+from conftest import ROOT, assert_one_line_error, packages_but_tensorflow, run_in_process, run_script
 
 import data
 import export
@@ -156,7 +161,8 @@ def test_user_errors_are_one_line(exports, trained_run, held_out, tmp_path):
         Recognizer.load(tmp_path / "text.onnx")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax2onnx") is not None, reason="jax2onnx exports under JAX")
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None or importlib.util.find_spec("jax2onnx") is not None,
+                    reason="needs JAX without jax2onnx, which exports under JAX")
 def test_an_onnx_export_under_the_jax_backend_without_jax2onnx_says_what_to_do(trained_run, tmp_path):
     result = run_script("export.py", "--model", trained_run, "--format", "onnx", "--out", tmp_path / "model.onnx",
                         env={"KERAS_BACKEND": "jax"})
@@ -257,3 +263,69 @@ def test_int8_needs_onnx_and_the_run_s_training_images(trained_run, tmp_path):
     assert_one_line_error(run_in_process("export.py", "--model", tmp_path / "model.keras", "--format", "onnx",
                                          "--int8"), "calibrates on the run's training images")
     assert not (tmp_path / "export" / "model.int8.onnx").exists()
+
+
+def test_a_damaged_or_foreign_int8_export_is_not_read_and_the_run_falls_back_to_keras(int8_run, exports, tmp_path,
+                                                                                    capsys):
+    source, _ = int8_run
+    run = shutil.copytree(source, tmp_path / "run")
+    int8 = run / "export" / "model.int8.onnx"
+    assert Recognizer.load(run).source == int8
+    good = int8.read_bytes()
+    for damage in (lambda: int8.write_bytes(good[:len(good) // 2]),  # truncated
+                   lambda: shutil.copy(exports["onnx"][0], int8),  # another model's export, with this one's metadata
+                   lambda: export_metadata_path(int8).write_text("{not json")):
+        damage()
+        assert Recognizer.load(run).source == run / "model.keras"
+        warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+        assert len(warning) == 1 and str(int8) in warning[0] and "reading" in warning[0]
+    shutil.copytree(source / "export", run / "export", dirs_exist_ok=True)
+    assert Recognizer.load(run).source == int8
+
+
+def test_an_export_whose_metadata_is_not_its_own_is_one_line(exports, tmp_path):
+    onnx_file = shutil.copy(exports["onnx"][0], tmp_path / "model.onnx")
+    metadata = json.loads(export_metadata_path(exports["onnx"][0]).read_text())
+    for wrong, fragment in (({"image_size": [48, 120]}, "takes images of [32, 64, 3], but its metadata says"),
+                            ({"charset": metadata["charset"] + "X"}, "reads 10 classes per position")):
+        export_metadata_path(onnx_file).write_text(json.dumps({**metadata, **wrong}))
+        assert_one_line_error(run_in_process("predict.py", "--model", onnx_file, tmp_path), fragment)
+
+
+def test_a_run_is_read_and_served_where_tensorflow_is_not_installed(int8_run, held_out, tmp_path):
+    """Through its int8 export, which needs onnxruntime alone: predict.py and serve.py import neither
+    TensorFlow nor Keras for it."""
+    run, _ = int8_run
+    env = {**os.environ, "PYTHONPATH": str(packages_but_tensorflow(tmp_path / "site"))}
+    result = subprocess.run([sys.executable, "-S", str(ROOT / "predict.py"), "--model", str(run), str(held_out[0])],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1].startswith(f"{held_out[0]},")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-S", str(ROOT / "serve.py"), "--model", str(run), "--port", str(port)],
+                              stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        answer = wait_for(lambda: httpx.post(f"http://127.0.0.1:{port}/predict", content=held_out[0].read_bytes(),
+                                             headers={"Content-Type": "image/png"}), server)
+        assert answer.status_code == 200 and set(answer.json()) == {"text", "confidence", "position_confidences"}
+    finally:
+        server.terminate()
+        assert "model.int8.onnx" in server.communicate(timeout=30)[1]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(request, process, seconds=120):
+    """request() once the server process answers it."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.stderr.read()
+        try:
+            return request()
+        except httpx.TransportError:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
