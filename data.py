@@ -307,13 +307,14 @@ def unreadable_note(failures, paths, root):
     return f"{len(failures)} unreadable images skipped: {first}"
 
 
-def labelled_files(root, labels_csv, pattern, case, lengths, charset, allow_outside=False):
-    """-> ([(path, label)], notes). lengths: [shortest, longest]. Labels are normalised but not yet validated."""
+def labelled_files(root, labels_csv, pattern, case, lengths, charset, allow_outside=False, keep_missing=False):
+    """-> ([(path, label)], notes). lengths: [shortest, longest]. Labels are normalised but not yet validated.
+    keep_missing: rows of labels_csv naming missing files stay (evaluate.py counts them), else are dropped."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"data folder not found: {root}")
     if labels_csv:
-        table, notes = read_labels_csv(labels_csv, root, allow_outside)
+        table, notes = read_labels_csv(labels_csv, root, allow_outside, keep_missing)
         items = [(root / name, normalise_label(label, case)) for name, label in sorted(table.items())]
         if not items:
             raise UserError(f"{labels_csv} names no image in {root}")

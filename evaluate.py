@@ -96,7 +96,7 @@ def main(argv=None):
     if args.data:
         root = Path(args.data)
         items, notes = data.labelled_files(root, args.labels, meta["label_pattern"], meta["case"],
-                                           recognizer.lengths, meta["charset"])
+                                           recognizer.lengths, meta["charset"], keep_missing=True)
         source = f"{root} (labels from {args.labels or 'file names'})"
     else:
         root, items, source, notes = run.held_out_items(run.run_dir_of(args.model), args.labels, meta["case"])

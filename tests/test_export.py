@@ -283,13 +283,13 @@ def test_a_damaged_or_foreign_int8_export_is_not_read_and_the_run_falls_back_to_
     assert Recognizer.load(run).source == int8
 
 
-def test_an_export_whose_metadata_is_not_its_own_is_one_line(exports, tmp_path):
+def test_an_export_whose_metadata_is_not_its_own_is_one_line(exports, held_out, tmp_path):
     onnx_file = shutil.copy(exports["onnx"][0], tmp_path / "model.onnx")
     metadata = json.loads(export_metadata_path(exports["onnx"][0]).read_text())
     for wrong, fragment in (({"image_size": [48, 120]}, "takes images of [32, 64, 3], but its metadata says"),
                             ({"charset": metadata["charset"] + "X"}, "reads 10 classes per position")):
         export_metadata_path(onnx_file).write_text(json.dumps({**metadata, **wrong}))
-        assert_one_line_error(run_in_process("predict.py", "--model", onnx_file, tmp_path), fragment)
+        assert_one_line_error(run_in_process("predict.py", "--model", onnx_file, held_out[0]), fragment)
 
 
 def test_a_run_is_read_and_served_where_tensorflow_is_not_installed(int8_run, held_out, tmp_path):

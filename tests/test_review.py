@@ -269,3 +269,38 @@ def test_a_page_that_cannot_be_written_is_one_line_before_the_model_loads(tmp_pa
             script.main(["--model", str(no_model), *([str(tmp_path)] if script is predict else []),
                          "--html", str(tmp_path / "review.html")])
     assert (tmp_path / "review.html").read_text() == "precious"
+
+
+def test_every_row_of_the_label_file_is_on_the_page_and_in_its_download(browser, trained_run, digits, tmp_path):
+    """Rows that cannot be scored (a missing file, a label of the wrong length or with an unknown
+    character) are the ones to fix: each keeps its card, marked with why, and its row in the download."""
+    from selenium.webdriver.support.ui import Select
+
+    folder = tmp_path / "captchas"
+    folder.mkdir()
+    sources = data.find_images(digits)[:7]
+    for source in sources:
+        shutil.copy(source, folder / source.name)
+    rows = [[source.name, source.name[:4]] for source in sources[:6]]
+    rows += [["missing.png", "1234"], [sources[6].name, "12345"], [sources[6].name.replace(".png", "b.png"), "12a4"],
+             [sources[0].name.replace(".png", "c.png"), "99"]]
+    for name in (rows[8][0], rows[9][0]):
+        shutil.copy(sources[6], folder / name)
+    (tmp_path / "labels.csv").write_text("\n".join(",".join(row) for row in rows) + "\n")
+    page = tmp_path / "review.html"
+    assert evaluate.main(["--model", str(trained_run), "--data", str(folder), "--labels", str(tmp_path / "labels.csv"),
+                          "--html", str(page)]) == 0
+    browser.get(page.as_uri())
+    Select(find(browser, "#filter")[0]).select_by_value("unscored")
+    unscored = {card["path"]: card["box"] for card in browser.execute_script(
+        """return [...document.querySelectorAll(".card:not([hidden])")].map(card => ({
+            path: card.querySelector(".path").textContent, box: card.querySelector("input.correction").value,
+            why: card.querySelector(".reason").textContent}))""")}
+    assert unscored == {"missing.png": "1234", sources[6].name: "12345", rows[8][0]: "12a4", rows[9][0]: "99"}
+    for name, label in (("12345", "1234"), ("12a4", "1244"), ("99", "9999")):
+        box = next(b for b in find(browser, "input.correction") if b.is_displayed() and b.get_attribute("value") == name)
+        box.clear()
+        box.send_keys(label)
+    saved = download_labels(browser, tmp_path / "download")
+    assert len(saved) == 1 + len(rows)  # a header, then every row, the missing file's too
+    assert dict(saved[1:])["missing.png"] == "1234" and dict(saved[1:])[rows[8][0]] == "1244"

@@ -1,5 +1,6 @@
 """serve.py as a user starts it: one server process for the module, on a free loopback port."""
 import base64
+import os
 import json
 import socket
 import subprocess
@@ -10,7 +11,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, run_in_process
+from conftest import ROOT, assert_one_line_error, packages_but_tensorflow, run_in_process
 from test_data import bomb_png
 
 import data
@@ -130,6 +131,9 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, image
         ("/ocr", {"json": {"image": base64.b64encode(images[0]).decode(), "colors": ["red"]}}, 400, "colour"),
         ("/ocr", {"json": {"image": base64.b64encode(images[0]).decode(), "probability": "maybe"}}, 400,
          "probability"),
+        ("/ocr", {"json": {"image": base64.b64encode(images[0]).decode(), "probability": "yes"}}, 400,
+         "probability must be true or false"),
+        ("/ocr/file", {"files": {"upload": ("x.png", images[0], "image/png")}}, 400, "no file in field file"),
         ("/ocr", {"files": {"file": ("x.png", images[0], "image/png")}}, 415, "JSON"),
         ("/ocr/file", {"json": {"image": base64.b64encode(images[0]).decode()}}, 415, "multipart"),
     ]
@@ -138,6 +142,8 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server, image
         assert answer.status_code == status and reason in answer.json()["detail"], (path, answer.text)
     health(url)
     assert httpx.post(f"{url}/predict", files={"file": ("x.png", images[0], "image/png")}).status_code == 200
+    # No page that loads its scripts from a CDN, blank offline.
+    assert httpx.get(f"{url}/docs").status_code == 404 and httpx.get(f"{url}/redoc").status_code == 404
 
 
 def test_concurrent_requests_are_read_together_and_each_gets_its_own_answer(server, recognizer, images):
@@ -186,3 +192,28 @@ def test_a_keras_model_served_on_a_cpu_points_to_its_faster_int8_export(server, 
 def test_command_line_mistakes_are_one_line(tmp_path):
     assert_one_line_error(run_in_process("serve.py", "--model", tmp_path / "absent"), "no model at")
     assert_one_line_error(run_in_process("serve.py", "--model", tmp_path, "--batch-size", "0"), "--batch-size")
+
+
+def test_a_keras_model_is_served_under_jax_where_tensorflow_is_not_installed(trained_run, images, tmp_path):
+    pytest.importorskip("jax")
+    port, log = free_port(), tmp_path / "serve.log"
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(packages_but_tensorflow(tmp_path / "site"))}
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-S", str(ROOT / "serve.py"), "--model",
+                                    str(trained_run / "model.keras"), "--port", str(port)], stdout=out, stderr=out,
+                                   env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            try:
+                answer = httpx.post(f"http://127.0.0.1:{port}/predict", content=images[0],
+                                    headers={"Content-Type": "image/png"})
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert answer.status_code == 200 and len(answer.json()["text"]) == 4, answer.text
+    finally:
+        process.terminate()
+        process.wait(30)
