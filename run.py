@@ -25,7 +25,7 @@ LOCK_FILE = ".lock"
 INT8_EXPORT = Path("export") / "model.int8.onnx"
 # The most whole-string accuracy on the held-out split that a run's int8 export may lose against its Keras
 # model and still be what the run is read through: a fifth of a point, or one captcha where that is more,
-# as precision alone moves one (docs/design.md, "The int8 read-through").
+# as precision alone moves one (docs/design.md).
 INT8_MAX_HELD_OUT_LOSS = 0.002
 # The files of a run that its training writes, which a run holding no trained epoch may lose.
 RUN_FILES = ("config.yaml", "split.json", "test_split.csv", "history.csv", "early_stopping.json", "best.weights.npz",
