@@ -1,7 +1,7 @@
 """Score a trained model on every image of a labelled set: whole-string accuracy and more.
 
     python evaluate.py --model RUN_DIR_OR_MODEL [--data DIR] [--labels CSV] [--json] [--errors FILE.csv]
-                       [--html FILE.html] [--batch-size N] [--overwrite]
+                       [--html FILE.html] [--batch-size N] [--tta] [--overwrite]
 
 Without --data it scores the run's held-out split (optionally against the labels of --labels).
 With --data it scores any folder, labelled by file name as in training, or by --labels.
@@ -18,7 +18,7 @@ import review
 import run
 from cli import CsvWriter, check_output, run_main
 from config import shown_length
-from recognizer import DEFAULT_BATCH_SIZE, Recognizer
+from recognizer import DEFAULT_BATCH_SIZE, TEST_TIME_AUGMENTATION_HELP, Recognizer
 from scoring import score_items
 
 
@@ -86,12 +86,13 @@ def main(argv=None):
     parser.add_argument("--errors", help="write wrong and skipped items to this CSV, most confident first")
     parser.add_argument("--html", help="write a review page of the wrong readings, to look at them and correct labels")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--tta", action="store_true", help=TEST_TIME_AUGMENTATION_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --errors or --html file")
     args = parser.parse_args(argv)
 
     check_output(args.errors, args.overwrite, "--errors", (".csv",))
     check_output(args.html, args.overwrite, "--html", (".html", ".htm"))
-    recognizer = Recognizer.load(args.model, args.batch_size)
+    recognizer = Recognizer.load(args.model, args.batch_size, test_time_augmentation=args.tta)
     meta = recognizer.metadata
     if args.data:
         root = Path(args.data)
@@ -107,7 +108,7 @@ def main(argv=None):
     if unscorable:
         print(f"note: {len(unscorable)} labels do not fit the model and are not scored, such as "
               f"{unscorable[0]['path']} ({unscorable[0]['reason']})", file=sys.stderr)
-    report.update({"model": str(recognizer.source), "data": source})
+    report.update({"model": str(recognizer.source), "data": source, "test_time_augmentation": args.tta})
     if args.errors:
         write_errors(args.errors, rows)
     if args.html:

@@ -1,7 +1,7 @@
 """Read captchas with a trained model.
 
     python predict.py --model RUN_DIR_OR_MODEL PATH... [--output FILE.csv|FILE.jsonl] [--html FILE.html]
-                      [--least-confident N] [--batch-size N] [--overwrite]
+                      [--least-confident N] [--batch-size N] [--tta] [--overwrite]
 
 A PATH is a folder (read recursively), a file or a glob. Rows are `path,prediction,confidence`;
 JSONL adds the confidence of each position. An unreadable file is reported on stderr and
@@ -23,7 +23,7 @@ import data
 import review
 from cli import CsvWriter, UserError, check_output, run_main
 from atomic import opened
-from recognizer import DEFAULT_BATCH_SIZE, Recognizer, least_confident, read_files
+from recognizer import DEFAULT_BATCH_SIZE, TEST_TIME_AUGMENTATION_HELP, Recognizer, least_confident, read_files
 
 
 def inputs_root(paths):
@@ -58,6 +58,7 @@ def main(argv=None):
                              "(filename,label,confidence) relative to the folder of the inputs: the captchas to "
                              "label next")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    parser.add_argument("--tta", action="store_true", help=TEST_TIME_AUGMENTATION_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output or --html file")
     args = parser.parse_args(argv)
 
@@ -70,7 +71,7 @@ def main(argv=None):
         print(f"{arg}: no such file, folder or matching image", file=sys.stderr)
     if not paths:
         raise UserError(f"no images found in {' '.join(args.paths)}")
-    recognizer = Recognizer.load(args.model, args.batch_size)
+    recognizer = Recognizer.load(args.model, args.batch_size, test_time_augmentation=args.tta)
     jsonl = args.output is not None and args.output.lower().endswith(".jsonl")
     read, failed = [], []
     with output(args.output) as out:

@@ -27,6 +27,12 @@ DEFAULT_BATCH_SIZE = 64
 MAX_BATCH_SIZE = 4096  # a batch is padded only to the images it holds, but a folder fills it
 # The largest batch that a model computing in bfloat16 reads in float32 instead (see keras_batch_function).
 FLOAT32_BATCH_LIMIT = 8
+# Test-time augmentation's views: (scale, rows down, columns right) as fractions of the input's height and
+# width, the identity first; within the distortions training applies (train.augment_shift, augment_scale).
+TEST_TIME_VIEWS = ((1.0, 0.0, 0.0), (1.0, 0.0, 0.02), (1.0, 0.0, -0.02), (1.0, 0.04, 0.0), (1.0, -0.04, 0.0),
+                   (0.95, 0.0, 0.0), (1.05, 0.0, 0.0))
+TEST_TIME_AUGMENTATION_HELP = (f"read each image as the average of {len(TEST_TIME_VIEWS)} slightly shifted and "
+                               f"scaled copies of it ({len(TEST_TIME_VIEWS)}x the time)")
 # A reading at least this confident is trusted: evaluate.py suspects the label of a wrong one, and a
 # review page calls the others unsure.
 SURE_CONFIDENCE = 0.9
@@ -42,15 +48,17 @@ class Recognizer:
     """A trained model with its metadata, which alone decides the charset, lengths and input size.
 
     run_batch: uint8 array n x H x W x 3 -> one array of probabilities per position, where n is a
-    power of two up to batch_size (see padded_size). source: the model file read, where there is one."""
+    power of two up to batch_size (see padded_size). source: the model file read, where there is one.
+    test_time_augmentation: average each position's probabilities over TEST_TIME_VIEWS of every image."""
 
-    def __init__(self, run_batch, metadata, batch_size=DEFAULT_BATCH_SIZE, source=None):
+    def __init__(self, run_batch, metadata, batch_size=DEFAULT_BATCH_SIZE, source=None, test_time_augmentation=False):
         self.run_batch, self.metadata, self.batch_size, self.source = run_batch, metadata, batch_size, source
+        self.test_time_augmentation = test_time_augmentation
         self.image_size = tuple(metadata["image_size"])
         self.lengths = run.model_lengths(metadata)
 
     @classmethod
-    def load(cls, path, batch_size=DEFAULT_BATCH_SIZE, precision="auto"):
+    def load(cls, path, batch_size=DEFAULT_BATCH_SIZE, precision="auto", test_time_augmentation=False):
         """path: a run directory, a .keras file or an export (.onnx, .tflite, SavedModel folder).
         precision, for a Keras model only (exports compute in their own precision): as train.precision;
         `auto` reads a run directory through the file run.file_to_read chooses, and a Keras model as it
@@ -63,7 +71,8 @@ class Recognizer:
             if not path.exists():
                 raise UserError(f"no model at {path}")
             metadata = run.read_export_metadata(path)
-            return cls(EXPORT_LOADERS[form](path, metadata, batch_size), metadata, batch_size, path)
+            return cls(EXPORT_LOADERS[form](path, metadata, batch_size), metadata, batch_size, path,
+                       test_time_augmentation)
         try:
             import_keras()
             from model import inference_precision, load_model, with_precision
@@ -73,12 +82,18 @@ class Recognizer:
         model, metadata = load_model(path)
         policy = inference_precision(precision, metadata.get("trained_precision", "float32"))
         model = model if policy == "float32" else with_precision(model, policy)
-        return cls(keras_batch_function(model), metadata, batch_size, path)
+        return cls(keras_batch_function(model), metadata, batch_size, path, test_time_augmentation)
 
     def probabilities(self, pixels):
         """uint8 array N x H x W x 3 -> one N x classes array per position. Batches are padded to a
         few fixed sizes, so that the model is compiled once for each and every batch is computed
         alike, without ever computing many more images than there are."""
+        if self.test_time_augmentation and len(pixels):
+            views = [self.probabilities_of_view(shifted_view(pixels, *view)) for view in TEST_TIME_VIEWS]
+            return [np.mean(position, axis=0) for position in zip(*views)]
+        return self.probabilities_of_view(pixels)
+
+    def probabilities_of_view(self, pixels):
         outputs = []
         for start in range(0, len(pixels), self.batch_size):
             batch = pixels[start:start + self.batch_size]
@@ -131,6 +146,17 @@ def keras_batch_function(model):
 
     float32_copy = functools.cache(lambda: with_precision(model, "float32"))  # made at the first small batch only
     return lambda batch: (float32_copy() if len(batch) <= FLOAT32_BATCH_LIMIT else model).predict_on_batch(batch)
+
+
+def shifted_view(pixels, scale, down, right):
+    """uint8 N x H x W x 3 -> the same images scaled about their centre and moved by fractions of their
+    height and width, each output pixel taken from the nearest input pixel, the border repeated."""
+    height, width = pixels.shape[1:3]
+    rows = np.clip(np.rint((np.arange(height) - (height - 1) / 2) / scale + (height - 1) / 2 - down * height), 0,
+                   height - 1).astype(int)
+    columns = np.clip(np.rint((np.arange(width) - (width - 1) / 2) / scale + (width - 1) / 2 - right * width), 0,
+                      width - 1).astype(int)
+    return pixels[:, rows][:, :, columns]
 
 
 def padded_size(count, batch_size):

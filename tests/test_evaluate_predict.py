@@ -15,7 +15,7 @@ import evaluate
 import predict
 import scoring
 from cli import UserError
-from recognizer import FLOAT32_BATCH_LIMIT, Recognizer, keras_batch_function
+from recognizer import FLOAT32_BATCH_LIMIT, TEST_TIME_VIEWS, Recognizer, keras_batch_function
 
 
 @pytest.fixture(scope="module")
@@ -410,3 +410,26 @@ def test_least_confident_readings_are_written_as_a_label_csv_to_correct(trained_
     with pytest.raises(UserError, match="expected a .csv file"):
         predict.main(["--model", str(trained_run), str(known_folder), "--least-confident", "3", "--output",
                       str(tmp_path / "x.jsonl")])
+
+
+def test_test_time_augmentation_averages_the_readings_of_shifted_and_scaled_copies(trained_run, capsys):
+    seen = []
+
+    def run_batch(batch):  # reads where each image's bright column is, as a fraction of the width
+        seen.append(batch.copy())
+        column = batch[..., 0].max(axis=1).argmax(axis=1) / (batch.shape[2] - 1)
+        return [np.stack([column, 1 - column], axis=1)]
+
+    metadata = {"image_size": [32, 100], "charset": "a", "length": 1}
+    image = np.zeros((1, 32, 100, 3), np.uint8)
+    image[:, :, 30] = 255
+    plain = Recognizer(run_batch, metadata).probabilities(image)[0]
+    assert plain[0, 0] == pytest.approx(30 / 99) and len(seen) == 1
+    seen.clear()
+    averaged = Recognizer(run_batch, metadata, test_time_augmentation=True).probabilities(image)[0]
+    columns = sorted(view[0, 0, :, 0].argmax() for view in seen)
+    assert len(seen) == len(TEST_TIME_VIEWS) and (seen[0] == image).all()
+    assert columns[0] < 30 < columns[-1] and max(columns) - min(columns) <= 6  # moved, slightly
+    assert averaged[0, 0] == pytest.approx(np.mean(columns) / 99)
+    report = json.loads(run_main(evaluate, capsys, "--model", trained_run, "--json", "--tta"))
+    assert report["test_time_augmentation"] and report["count"] > 0
