@@ -39,6 +39,16 @@ def commit(code):
     return result.stdout.strip() + ("+changes" if dirty else "")
 
 
+def append_row(table, fields, row):
+    """One row at the end of a CSV, under a header written with its first row."""
+    new = not table.exists()
+    with open(table, "a", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", nargs="+", default=["henan_4digit"], choices=SETS)
@@ -83,12 +93,7 @@ def main():
                    "whole_string_accuracy": f"{report['whole_string_accuracy']:.4f}", "correct": report["correct"],
                    "count": report["count"], "recorded": f"{metadata['held_out_whole_string_accuracy']:.4f}",
                    "chosen_epoch": metadata["epoch"], "minutes": f"{minutes:.1f}"}
-            new = not table.exists()
-            with open(table, "a", newline="") as f:
-                writer = csv.DictWriter(f, FIELDS)
-                if new:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_row(table, FIELDS, row)
             print(json.dumps(row), flush=True)
 
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from bench import ddddocr_accuracy
-from seeds import commit
+from seeds import append_row, commit
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ["run", "commit", "model", "count", "correct", "whole_string_accuracy", "seconds", "tta_correct",
@@ -53,12 +53,7 @@ def main():
                "tta_whole_string_accuracy": f"{tta['whole_string_accuracy']:.4f}", "tta_seconds": f"{tta_seconds:.1f}",
                "ddddocr_correct": peer["correct"],
                "ddddocr_whole_string_accuracy": f"{peer['whole_string_accuracy']:.4f}"}
-        new = not table.exists()
-        with open(table, "a", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_row(table, FIELDS, row)
         print(f"{run_dir}: {row['whole_string_accuracy']} plain, {row['tta_whole_string_accuracy']} with --tta, "
               f"{row['ddddocr_whole_string_accuracy']} ddddocr ({row['count']} held out)", flush=True)
 

@@ -285,7 +285,7 @@ def test_a_file_that_is_not_a_model_is_one_clear_line(tmp_path, known_folder):
 
 def test_missing_held_out_images_are_skipped_and_a_moved_data_folder_is_named(trained_run, recognizer, tmp_path,
                                                                               capsys, monkeypatch):
-    monkeypatch.setattr(Recognizer, "load", lambda *args: recognizer)
+    monkeypatch.setattr(Recognizer, "load", lambda *args, **kwargs: recognizer)
     run, folder = tmp_path / "run", tmp_path / "data"
     shutil.copytree(trained_run.parent / "data" / "synthetic", folder)
     run.mkdir()
@@ -348,7 +348,7 @@ def test_a_bfloat16_model_reads_small_batches_through_a_float32_copy(trained_run
 
 
 def test_output_files_are_checked_before_the_model_loads(trained_run, recognizer, known_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(Recognizer, "load", lambda *args: pytest.fail("the model loaded first"))
+    monkeypatch.setattr(Recognizer, "load", lambda *args, **kwargs: pytest.fail("the model loaded first"))
     errors = tmp_path / "errors.csv"
     errors.write_text("precious")
     cases = [
@@ -360,7 +360,7 @@ def test_output_files_are_checked_before_the_model_loads(trained_run, recognizer
         with pytest.raises(UserError, match=fragment):
             script.main(["--model", str(trained_run), *map(str, args)])
     monkeypatch.undo()
-    monkeypatch.setattr(Recognizer, "load", lambda *args: recognizer)
+    monkeypatch.setattr(Recognizer, "load", lambda *args, **kwargs: recognizer)
     assert evaluate.main(["--model", str(trained_run), "--errors", str(errors), "--overwrite"]) == 0
     assert errors.read_text().startswith("path,label,prediction")
 
@@ -370,7 +370,7 @@ def test_an_interrupted_predict_leaves_no_partial_output(recognizer, known_folde
         yield paths[0], recognizer.predict([paths[0]])[0], None
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Recognizer, "load", lambda *args: recognizer)
+    monkeypatch.setattr(Recognizer, "load", lambda *args, **kwargs: recognizer)
     monkeypatch.setattr(predict, "read_files", interrupted)
     with pytest.raises(KeyboardInterrupt):
         predict.main(["--model", "run", str(known_folder), "--output", str(tmp_path / "out.csv")])
