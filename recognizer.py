@@ -152,11 +152,13 @@ def shifted_view(pixels, scale, down, right):
     """uint8 N x H x W x 3 -> the same images scaled about their centre and moved by fractions of their
     height and width, each output pixel taken from the nearest input pixel, the border repeated."""
     height, width = pixels.shape[1:3]
-    rows = np.clip(np.rint((np.arange(height) - (height - 1) / 2) / scale + (height - 1) / 2 - down * height), 0,
-                   height - 1).astype(int)
-    columns = np.clip(np.rint((np.arange(width) - (width - 1) / 2) / scale + (width - 1) / 2 - right * width), 0,
-                      width - 1).astype(int)
-    return pixels[:, rows][:, :, columns]
+    return pixels[:, nearest_sources(height, scale, down)][:, :, nearest_sources(width, scale, right)]
+
+
+def nearest_sources(size, scale, shift):
+    """For each output index along an axis of size pixels, the input index it is taken from."""
+    centre = (size - 1) / 2
+    return np.clip(np.rint((np.arange(size) - centre) / scale + centre - shift * size), 0, size - 1).astype(int)
 
 
 def padded_size(count, batch_size):

@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 from bench import ddddocr_accuracy
-from seeds import append_row, commit
+from seeds import ROOT, append_row, commit
 
-ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ["run", "commit", "model", "count", "correct", "whole_string_accuracy", "seconds", "tta_correct",
           "tta_whole_string_accuracy", "tta_seconds", "ddddocr_correct", "ddddocr_whole_string_accuracy"]
 
