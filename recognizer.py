@@ -32,7 +32,7 @@ FLOAT32_BATCH_LIMIT = 8
 TEST_TIME_VIEWS = ((1.0, 0.0, 0.0), (1.0, 0.0, 0.02), (1.0, 0.0, -0.02), (1.0, 0.04, 0.0), (1.0, -0.04, 0.0),
                    (0.95, 0.0, 0.0), (1.05, 0.0, 0.0))
 TEST_TIME_AUGMENTATION_HELP = (f"read each image as the average of {len(TEST_TIME_VIEWS)} slightly shifted and "
-                               f"scaled copies of it ({len(TEST_TIME_VIEWS)}x the time)")
+                               f"scaled copies of it: the model reads {len(TEST_TIME_VIEWS)} times as many images")
 # A reading at least this confident is trusted: evaluate.py suspects the label of a wrong one, and a
 # review page calls the others unsure.
 SURE_CONFIDENCE = 0.9
