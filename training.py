@@ -126,7 +126,10 @@ class TimeEstimate(keras.callbacks.Callback):
 
 
 def duration(seconds):
-    return f"{seconds / 3600:.1f} hours" if seconds >= 5400 else f"{max(1, round(seconds / 60))} minutes"
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} hours"
+    minutes = max(1, round(seconds / 60))
+    return f"{minutes} minute{'' if minutes == 1 else 's'}"
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
