@@ -18,6 +18,7 @@ MIN_IMAGE_SIDE = 32  # every supported backbone downsamples by 32
 CHOICES = {
     "data.case": ("sensitive", "lower", "upper"),
     "model.weights_fallback": ("synthetic", "none", "stop"),
+    "model.synthetic_style": ("fitted", "captcha"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribute": ("none", "data_parallel"),
 }

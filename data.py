@@ -5,6 +5,7 @@ goes through decode_image(), so they can never disagree. This module does not
 import Keras, so that decoding workers start fast.
 
     python data.py synth --out DIR --count N [--length 4|4-6] [--charset CHARS] [--size HxW] [--seed S]
+                         [--like FOLDER]
 """
 import argparse
 import collections
@@ -668,6 +669,26 @@ def load_unlabelled(cfg, dataset):
 
 # ---------------------------------------------------------------- python data.py synth
 
+def fitted_style(paths, charset, lengths, seed=0):
+    """synth.fit_style over at most synth.FIT_SAMPLE of the readable images at paths, picked by seed ->
+    (style, size); says how far the fitted style and the `captcha` package's are from the images."""
+    picked = np.random.default_rng(seed).permutation(len(paths))
+    images = []
+    for i in picked:
+        if len(images) == synth.FIT_SAMPLE:
+            break
+        try:
+            images.append(np.asarray(full_size_rgb(paths[i])))
+        except ImageError:
+            continue
+    if not images:
+        raise UserError(f"no readable images to fit the synthetic captchas to, among {len(paths)} files")
+    style, size, distance, package_distance = synth.fit_style(images, charset, lengths, seed)
+    print(f"synthetic captchas fitted to {len(images)} images: {size[0]}x{size[1]}, distance {distance:.1f} "
+          f"(the captcha package's style: {package_distance:.1f})")
+    return style, size
+
+
 def parse_size(text):
     match = re.fullmatch(r"(\d+)x(\d+)", text)
     if not match:
@@ -691,11 +712,20 @@ def main(argv=None):
     draw.add_argument("--length", type=parse_length_argument, default=[4, 4],
                       help="a number, or a range like 4-6 (default 4)")
     draw.add_argument("--charset", default=synth.CHARSET)
-    draw.add_argument("--size", type=parse_size, default=synth.SIZE,
-                      help=f"HEIGHTxWIDTH, default {synth.SIZE[0]}x{synth.SIZE[1]}")
+    draw.add_argument("--size", type=parse_size,
+                      help=f"HEIGHTxWIDTH, default {synth.SIZE[0]}x{synth.SIZE[1]}, or with --like the captchas' median")
     draw.add_argument("--seed", type=int, default=0)
+    draw.add_argument("--like", metavar="FOLDER",
+                      help="draw in the style of the captchas in FOLDER: their size (unless --size), colours, grain, "
+                           "fonts, strokes, rotation, dots, arcs and lines, measured and fitted")
     args = parser.parse_args(argv)
-    synth.draw_set(args.out, args.count, args.length, args.charset, args.size, args.seed)
+    style, size = synth.Style(), synth.SIZE
+    if args.like:
+        paths = find_images(args.like) if Path(args.like).is_dir() else []
+        if not paths:
+            raise UserError(f"--like {args.like}: not a folder of images")
+        style, size = fitted_style(paths, args.charset, args.length, args.seed)
+    synth.draw_set(args.out, args.count, args.length, args.charset, args.size or size, args.seed, style)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Every image is drawn from its own generator, seeded by the set's seed and its in
 seed gives the same files whatever the number of processes.
 """
 import dataclasses
+import itertools
 import multiprocessing
 import os
 import random
@@ -11,6 +12,7 @@ import string
 import time
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
@@ -43,9 +45,16 @@ class Style:
     ink: tuple = (10, 200)
     opaque: bool = False  # ink as opaque as its alpha; else as its brightness, the package's way (dark ink fades)
     smooth: bool = True
+    arc_width: int = 1
+    lines: int = 0  # straight lines across the image, each in a colour of its own
+    line_width: int = 1
+    stroke: int = 0  # pixels added around each character's strokes
+    noise: float = 0.0  # standard deviation of grey noise over the finished image, in levels of 255
 
 
 REFERENCE_HEIGHT = 64
+# Part of the synthetic start's cache key: bump it whenever the same Style draws differently.
+STYLE_VERSION = 2
 # The quick start's own set: four digits, drawn small and plain enough that the shipped model learns
 # them from random weights within minutes on a laptop CPU.
 QUICK_START_STYLE = Style(font_sizes=(44, 48, 52), offset=(2, 2), rotate=8, warp=((0.0, 0.1), (0.0, 0.1)),
@@ -65,6 +74,8 @@ class Drawer:
         self.style, scale = style, size[0] / REFERENCE_HEIGHT
         self.fonts = [ImageFont.truetype(f, max(8, round(s * scale))) for f in font_files() for s in style.font_sizes]
         self.dot_width = max(1, round(style.dot_width * scale))
+        self.arc_width, self.line_width = (max(1, round(w * scale)) for w in (style.arc_width, style.line_width))
+        self.stroke = round(style.stroke * scale)
 
     def draw(self, text, rng):
         style = self.style
@@ -77,7 +88,15 @@ class Drawer:
             pen.line(((x, y), (x - 1, y - 1)), fill=colour, width=self.dot_width)
         for _ in range(style.arcs):
             self.arc(pen, colour, rng)
-        return image.filter(ImageFilter.SMOOTH) if style.smooth else image
+        for _ in range(style.lines):
+            ends = [(rng.randint(0, self.width // 4), rng.randint(0, self.height)),
+                    (rng.randint(self.width * 3 // 4, self.width), rng.randint(0, self.height))]
+            pen.line(ends, fill=tuple(rng.randint(0, 255) for _ in range(3)), width=self.line_width)
+        image = image.filter(ImageFilter.SMOOTH) if style.smooth else image
+        if style.noise:
+            grain = np.random.default_rng(rng.getrandbits(32)).normal(0, style.noise, (self.height, self.width, 1))
+            image = Image.fromarray(np.clip(np.asarray(image, np.float32) + grain, 0, 255).astype(np.uint8))
+        return image
 
     def arc(self, pen, colour, rng):
         w, h = self.width, self.height
@@ -85,15 +104,17 @@ class Drawer:
         x2 = rng.randint(w // 5, w)
         y1 = rng.randint(h // 5, h - h // 5)
         y2 = rng.randint(y1, h - h // 5)
-        pen.arc([x1, y1, x2, max(y1, y2)], rng.randint(0, 20), rng.randint(160, 200), fill=colour)
+        pen.arc([x1, y1, x2, max(y1, y2)], rng.randint(0, 20), rng.randint(160, 200), fill=colour, width=self.arc_width)
 
     def character(self, char, colour, rng):
         style = self.style
         font = rng.choice(self.fonts)
-        _, _, w, h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox((1, 1), char, font=font)
+        _, _, w, h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox(
+            (1, 1), char, font=font, stroke_width=self.stroke)
         dx, dy = rng.randint(0, style.offset[0]), rng.randint(0, style.offset[1])
         im = Image.new("RGBA", (int(w) + dx, int(h) + dy))
-        ImageDraw.Draw(im).text((dx, dy), char, font=font, fill=colour)
+        ImageDraw.Draw(im).text((dx + self.stroke, dy + self.stroke), char, font=font, fill=colour,
+                                stroke_width=self.stroke, stroke_fill=colour)
         box = im.getbbox()
         im = im.crop(box) if box else im
         im = im.rotate(rng.uniform(-style.rotate, style.rotate), Image.Resampling.BILINEAR, expand=True)
@@ -188,3 +209,101 @@ def undrawable(charset):
 
     no_glyph = glyph("\U0010FFFD")  # a private-use code point, which no font draws
     return "".join(character for character in charset if glyph(character) == no_glyph)
+
+
+# ---------------------------------------------------------------- a style fitted to the user's captchas
+
+FIT_SAMPLE = 200  # of the user's captchas measured
+FIT_DRAWS = 64  # captchas drawn to score each candidate style
+FIT_PASSES = 2
+# What a candidate style is scored on, per image: how much ink, its colour and strokes, the grain,
+# the ink away from the text's rows (lines, arcs) and the lone ink pixels (dots).
+STATISTICS = ("ink", "noise", "background_red", "background_green", "background_blue", "ink_red", "ink_green",
+              "ink_blue", "run_across", "run_down", "ink_off_text", "lone_ink", "text_height", "text_width")
+# Parameters chosen by the score, with their candidates (sizes at REFERENCE_HEIGHT); the rest are measured.
+SEARCHED = {"font_scale": (0.7, 0.85, 1.0, 1.15, 1.3), "stroke": (0, 1, 2, 3), "rotate": (0, 8, 16, 30),
+            "dots": (0, 15, 40, 100, 250), "arcs": (0, 1, 2), "arc_width": (1, 3, 6), "lines": (0, 2, 4, 8),
+            "line_width": (1, 2, 4), "space_probability": (0.6, 1.0), "overlap": (0.0, 0.15, 0.3),
+            "smooth": (False, True)}
+# Cap height of DroidSansMono as a share of its font size: turns measured text height into a font size.
+CAP_HEIGHT = 0.72
+
+
+def measure(pixels):
+    """HxWx3 uint8 captcha -> its STATISTICS, as a dict. Ink: the pixels far from the background (the
+    median colour) by more than the grain explains."""
+    pixels = pixels.astype(np.float32)
+    height, width, _ = pixels.shape
+    grey = pixels.mean(2)
+    background = np.median(pixels.reshape(-1, 3), 0)
+    noise = 1.4826 * float(np.median(np.abs(grey - np.median(grey))))
+    ink = np.abs(pixels - background).max(2) > max(48.0, 4 * noise)
+    count = max(1, int(ink.sum()))
+    colour = np.median(pixels[ink], 0) if ink.any() else background
+    starts_across = (ink[:, 1:] & ~ink[:, :-1]).sum() + ink[:, 0].sum()
+    starts_down = (ink[1:] & ~ink[:-1]).sum() + ink[0].sum()
+    rows, columns = np.nonzero(ink)
+    top, bottom = np.percentile(rows, (10, 90)) if len(rows) else (0, 0)
+    left, right = np.percentile(columns, (5, 95)) if len(columns) else (0, 0)
+    band = ink[int(height * 0.25):int(np.ceil(height * 0.75))].sum()
+    padded = np.pad(ink, 1)
+    neighbours = padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    return dict(zip(STATISTICS, (
+        count / ink.size, noise, *background, *colour, count / max(1, starts_across) / height,
+        count / max(1, starts_down) / height, 1 - band / count, (ink & ~neighbours).sum() / count,
+        (bottom - top) / height, (right - left) / width)))
+
+
+def statistics(images):
+    return np.array([[measure(image)[name] for name in STATISTICS] for image in images], dtype=np.float64)
+
+
+def fit_style(images, charset, lengths=(4, 4), seed=0, progress=True):
+    """A Style and a size that draw captchas like `images` (HxWx3 uint8 arrays of one scheme), and how far
+    they are from them -> (style, (height, width), distance, the `captcha` package style's distance).
+    Size, colours and grain are measured; fonts, strokes, rotation, dots, arcs and lines are chosen,
+    one parameter at a time, FIT_PASSES times over, by the distance between the mean STATISTICS of
+    FIT_DRAWS drawn captchas and of the images, in the images' standard deviations. Where the
+    package's own style is nearer, it is the one returned."""
+    height = int(np.median([image.shape[0] for image in images]))
+    width = int(np.median([image.shape[1] for image in images]))
+    real = [np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+            for image in images[:FIT_SAMPLE]]
+    measured = statistics(real)
+    # A floor under each spread, 2% of its range, so that a statistic all the images share exactly (no grain,
+    # one background) is matched closely but cannot outweigh the others without limit.
+    ranges = np.array([255.0 if name.startswith(("noise", "background", "ink_")) else 1.0 for name in STATISTICS])
+    target, spread = measured.mean(0), measured.std(0) + 0.02 * ranges
+    column = {name: measured[:, i] for i, name in enumerate(STATISTICS)}
+    backgrounds = np.stack([column[f"background_{c}"] for c in ("red", "green", "blue")])
+    inks = np.stack([column[f"ink_{c}"] for c in ("red", "green", "blue")])
+    low, high = np.percentile(backgrounds, (5, 95)).round().astype(int)
+    cap = float(np.median(column["text_height"])) * REFERENCE_HEIGHT / CAP_HEIGHT
+    base = {"background": (int(max(0, min(low, high - 8))), int(min(255, max(high, low + 8)))),
+            "ink": tuple(int(v) for v in np.percentile(inks, (10, 90)).round()),
+            "noise": round(float(np.median(column["noise"])), 1), "offset": (2, 4), "opaque": True,
+            "warp": ((0.0, 0.1), (0.0, 0.1)), "dot_width": 2}
+    chosen = {"font_scale": 1.0, "stroke": 0, "rotate": 8, "dots": 15, "arcs": 0, "arc_width": 1, "lines": 0,
+              "line_width": 1, "space_probability": 1.0, "overlap": 0.15, "smooth": True}
+
+    def style_of(params):
+        params = dict(params)
+        scale = params.pop("font_scale")
+        return Style(**base, **params, font_sizes=tuple(max(6, round(cap * scale * f)) for f in (0.9, 1.0, 1.1)))
+
+    def distance(style):
+        drawer = Drawer((height, width), style)
+        rng = random.Random(f"fit:{seed}")  # the same labels and draws for every candidate
+        drawn = [np.asarray(drawer.draw(label_for(i, lengths, charset, rng), rng)) for i in range(FIT_DRAWS)]
+        return float((((statistics(drawn).mean(0) - target) / spread) ** 2).sum())
+
+    best = distance(style_of(chosen))
+    steps = [(name, value) for _ in range(FIT_PASSES) for name, values in SEARCHED.items() for value in values]
+    for name, value in tqdm(steps, desc="fitting the synthetic captchas' style", unit="style", disable=not progress):
+        if chosen[name] == value:
+            continue
+        score = distance(style_of({**chosen, name: value}))
+        if score < best:
+            best, chosen = score, {**chosen, name: value}
+    package = distance(Style())
+    return (style_of(chosen) if best <= package else Style()), (height, width), min(best, package), package

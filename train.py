@@ -153,30 +153,38 @@ def imagenet_or_fallback(m, dataset):
 
 def pretrained_on_synthetic(cfg, dataset):
     """model.weights=synthetic -> a finished run on model.synthetic_images captchas that synth.draw_set
-    draws in the set's charset and lengths, trained from random initialisation with the other settings
-    of cfg: the start a few hundred labels lack without ImageNet weights (docs/design.md). Kept under
-    data.cache_dir and reused for the same charset, lengths, input size, backbone and synthetic
-    settings; killed, it resumes like any run."""
+    draws in the set's charset and lengths, in model.synthetic_style, trained from random initialisation
+    with the other settings of cfg: the start a few hundred labels lack without ImageNet weights
+    (docs/design.md). Kept under data.cache_dir and reused for the same charset, lengths, input size,
+    backbone, synthetic settings and, for a fitted style, training images; killed, it resumes like any run."""
     d, m = cfg["data"], cfg["model"]
     height, width = dataset["image_size"]
+    missing = synth.undrawable(dataset["charset"])
+    if missing:
+        raise UserError(f"model.weights=synthetic: the synthetic captchas cannot draw {missing!r}, which the "
+                        f"charset holds (their font has no glyph for it); set model.weights to imagenet, none or a "
+                        f"weights file")
+    fitted = m["synthetic_style"] == "fitted"
     what = {"charset": dataset["charset"], "length": d["length"], "image_size": [height, width],
-            "backbone": m["backbone"], "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": d["seed"]}
+            "backbone": m["backbone"], "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": d["seed"],
+            "style": m["synthetic_style"], "style_version": synth.STYLE_VERSION,
+            "fitted_to": sorted(dataset["digests"][i] for i in dataset["train"]) if fitted else None}
     folder = Path(d["cache_dir"]) / "synthetic" / hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     run_dir = folder / "run"
     if (run_dir / run.MODEL_FILE).exists():
         print(f"model.weights=synthetic: continuing from {run_dir}, trained earlier on {m['synthetic_images']} "
               f"synthetic captchas")
         return run_dir
-    missing = synth.undrawable(dataset["charset"])
-    if missing:
-        raise UserError(f"model.weights=synthetic: the synthetic captchas cannot draw {missing!r}, which the "
-                        f"charset holds (their font has no glyph for it); set model.weights to imagenet, none or a "
-                        f"weights file")
     images = folder / "images"
-    if not images.exists():  # drawn 64 pixels high, the captcha package's scale, in the input's shape
+    if not images.exists():
+        if fitted:
+            style, size = data.fitted_style([dataset["items"][i][0] for i in dataset["train"]], dataset["charset"],
+                                            d["length"], d["seed"])
+        else:  # drawn 64 pixels high, the captcha package's scale, in the input's shape
+            style, size = synth.Style(), (64, round(64 * width / height))
         with atomic.replacing(images) as partial:
-            synth.draw_set(partial, m["synthetic_images"], d["length"], dataset["charset"],
-                           (64, round(64 * width / height)), d["seed"], shorten="model.synthetic_images")
+            synth.draw_set(partial, m["synthetic_images"], d["length"], dataset["charset"], size, d["seed"], style,
+                           shorten="model.synthetic_images")
     synthetic = copy.deepcopy(cfg)
     synthetic["data"].update(dir=str(images), labels=None, label_pattern=None, charset=dataset["charset"],
                              case="sensitive", image_size=[height, width], max_train_images=0, unlabelled=None)

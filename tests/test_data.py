@@ -1,4 +1,5 @@
 import collections
+import random
 import io
 import struct
 import zlib
@@ -234,6 +235,26 @@ def test_synthesis_is_reproducible_whatever_the_number_of_processes(tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir()) and len(names) == 6
     assert all((tmp_path / "a" / n).read_bytes() == (tmp_path / "b" / n).read_bytes() for n in names)
     assert names != sorted(p.name for p in (tmp_path / "c").iterdir())  # another seed, other captchas
+
+
+def test_synthesis_like_a_folder_draws_in_its_size_colours_and_grain(tmp_path, monkeypatch):
+    # A scheme unlike the captcha package's: light ink on a dark, grainy background, 40x100.
+    scheme = synth.Style(background=(20, 40), ink=(200, 255), opaque=True, noise=25.0, dots=0, arcs=0)
+    synth.draw_set(tmp_path / "theirs", 24, size=(40, 100), seed=2, style=scheme, processes=1)
+    monkeypatch.setattr(synth, "FIT_DRAWS", 8)
+    monkeypatch.setattr(synth, "FIT_PASSES", 1)
+    data.main(["synth", "--like", str(tmp_path / "theirs"), "--out", str(tmp_path / "ours"), "--count", "24",
+               "--charset", "0123456789"])
+    theirs, ours = ([np.asarray(Image.open(p)) for p in sorted((tmp_path / name).iterdir())] for name in ("theirs", "ours"))
+    assert {image.shape for image in ours} == {(40, 100, 3)}
+    measured = {name: synth.statistics(images).mean(0) for name, images in (("theirs", theirs), ("ours", ours))}
+    for statistic, tolerance in (("background_red", 15), ("ink_green", 40), ("noise", 8)):
+        i = synth.STATISTICS.index(statistic)
+        assert abs(measured["ours"][i] - measured["theirs"][i]) < tolerance, statistic
+    package = synth.statistics([np.asarray(synth.Drawer((40, 100)).draw("1234", random.Random(0)))])
+    assert package[0, synth.STATISTICS.index("background_red")] > 200  # what it drew before: light, no grain
+    with pytest.raises(UserError, match="--like .*nowhere: not a folder of images"):
+        data.main(["synth", "--like", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--count", "1"])
 
 
 def test_synthesis_of_a_length_range_gives_each_length_an_equal_share(tmp_path, capsys):

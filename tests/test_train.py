@@ -444,18 +444,21 @@ def test_run_dir_or_config_paths_of_the_wrong_kind_are_one_clear_line(tmp_path, 
 def test_synthetic_weights_train_once_are_reused_and_are_the_imagenet_fallback(tmp_path, digits, capsys, monkeypatch):
     cache = tmp_path / "cache"  # its own: the drawn captchas and their run are kept there
     folder = copy_digits(digits, tmp_path / "few", 40)
+    monkeypatch.setattr(synth, "FIT_DRAWS", 4)  # a rough fit: this test is about the start, not the style
+    monkeypatch.setattr(synth, "FIT_PASSES", 1)
     cfg = tiny_config(folder, cache, "model.weights=synthetic", "model.synthetic_images=64",
                       "model.synthetic_epochs=1", "train.epochs=1", "data.charset=0123456789")
     first = train.train(cfg, tmp_path / "first")
     printed = capsys.readouterr().out
     assert "first training on 64 synthetic captchas of the set's charset and lengths" in printed
+    assert "synthetic captchas fitted to 36 images: 32x64" in printed  # the training images, never the held-out
     (pretrained,) = (cache / "synthetic").glob("*/run")
     synthetic_metadata = json.loads((pretrained / "metadata.json").read_text())
     assert synthetic_metadata["charset"] == "0123456789" and synthetic_metadata["length"] == 4
     assert synthetic_metadata["initialisation"] == "random" and synthetic_metadata["image_size"] == [32, 64]
     images = data.find_images(pretrained.parent / "images")
     assert len(images) == 64 and all(len(path.stem.split("_")[0]) == 4 for path in images)
-    assert Image.open(images[0]).size == (128, 64)  # drawn 64 high, in the input's 1:2 shape
+    assert Image.open(images[0]).size == (64, 32)  # fitted to the training images, drawn in their size
     metadata = json.loads((first / "metadata.json").read_text())
     assert metadata["continued_from"] == {"model": str(pretrained / "model.keras"), "heads": "kept"}
     assert metadata["initialisation"] == f"{pretrained / 'model.keras'} (every layer)"
