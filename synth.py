@@ -4,7 +4,6 @@ Every image is drawn from its own generator, seeded by the set's seed and its in
 seed gives the same files whatever the number of processes.
 """
 import dataclasses
-import itertools
 import multiprocessing
 import os
 import random

@@ -109,11 +109,13 @@ class HeldOutAccuracy(keras.callbacks.Callback):
 
 class TimeEstimate(keras.callbacks.Callback):
     """A few steps into fitting, one line: the steps to go, how long one takes on this machine, so about how
-    long the stage will take, and the keys that shorten it."""
+    long the stage will take, and the keys that shorten it. After the first epoch, a second line from its
+    whole time, which adds what steps leave out: scoring the held-out split, recomputing BatchNorm."""
 
-    def __init__(self, stage, steps, shorten, after=4):
+    def __init__(self, stage, steps, steps_per_epoch, shorten, after=4):
         super().__init__()
-        self.stage, self.steps, self.shorten, self.after, self.ends = stage, steps, shorten, after, []
+        self.stage, self.steps, self.steps_per_epoch, self.shorten, self.after = stage, steps, steps_per_epoch, shorten, after
+        self.ends, self.epoch_starts = [], []
 
     def on_train_batch_end(self, batch, logs=None):
         if len(self.ends) > self.after:
@@ -123,6 +125,19 @@ class TimeEstimate(keras.callbacks.Callback):
             step = float(np.median(np.diff(self.ends[1:])))
             print(f"\n{self.stage}: {self.steps} steps of about {step:.2f} s each on this machine: about "
                   f"{duration(self.steps * step)} (shortened by {self.shorten})", flush=True)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_starts.append(time.perf_counter())
+        if len(self.epoch_starts) == 2 and len(self.ends) > self.after:
+            # The first epoch's steps include tracing; the steps' median stands in for them.
+            step = float(np.median(np.diff(self.ends[1:])))
+            rest = self.epoch_starts[1] - self.ends[-1] - step * (self.steps_per_epoch - len(self.ends))
+            per_epoch = step * self.steps_per_epoch + max(0.0, rest)
+            epochs_left = self.steps / self.steps_per_epoch - 1
+            if epochs_left >= 1:
+                print(f"{self.stage}: an epoch takes about {duration(per_epoch)} with its held-out scoring: about "
+                      f"{duration(epochs_left * per_epoch)} to go at most (early stopping may end it sooner)",
+                      flush=True)
 
 
 def duration(seconds):

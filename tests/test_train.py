@@ -233,6 +233,20 @@ def colour_coded(folder, count, seed=0):
     return folder
 
 
+def test_the_time_estimate_counts_the_held_out_scoring_after_the_first_epoch(monkeypatch, capsys):
+    # Steps of 10 s (only the first five are timed); the first epoch ends 110 s after its steps, scoring.
+    clock = iter([0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 210.0])
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    estimate = training.TimeEstimate("training", steps=30, steps_per_epoch=10, shorten="train.epochs")
+    estimate.on_epoch_begin(0)
+    for batch in range(10):
+        estimate.on_train_batch_end(batch)
+    estimate.on_epoch_begin(1)
+    printed = capsys.readouterr().out
+    assert "30 steps of about 10.00 s each on this machine: about 5 minutes" in printed  # the steps alone
+    assert "an epoch takes about 4 minutes with its held-out scoring: about 7 minutes to go at most" in printed
+
+
 def test_distortions_run_in_training_only_each_image_its_own_and_keep_the_picture_in_its_frame():
     """The device-side distortions: off outside training; a batch of one picture comes out as many; a
     shift moves it by no more than asked; uncovered pixels take the border's grey, never black; at the
