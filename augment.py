@@ -126,10 +126,10 @@ def bilinear(x, source_x, source_y, fill):
     return result
 
 
-def distortion(train_settings, seed):
+def distortion(train_settings, seed, name="distortion"):
     """The Distortion layer of a config's train section, or None when every distortion is off."""
     settings = {name: train_settings[f"augment_{name}"] for name in ("shift", "rotate", "scale", "warp", "blur", "noise")}
-    return Distortion(**settings, seed=seed, name="distortion", dtype="float32") if any(settings.values()) else None
+    return Distortion(**settings, seed=seed, name=name, dtype="float32") if any(settings.values()) else None
 
 
 def training_model(model, distortion_layer):
@@ -139,3 +139,85 @@ def training_model(model, distortion_layer):
     outputs = model(distortion_layer(pixels) if distortion_layer else pixels)
     return keras.Model(pixels, [keras.layers.Identity(name=name)(output)
                                 for name, output in zip(model.output_names, outputs)], name=f"{model.name}_training")
+
+
+# The strong view of consistency training: every distortion this many times as strong as in the weak view.
+STRONG = 3.0
+
+
+@keras.saving.register_keras_serializable(package="captcha")
+class SplitViews(keras.layers.Layer):
+    """The heads' outputs over one batch of [labelled, unlabelled weak view, unlabelled strong view] ->
+    the labelled images' heads, and the unlabelled images' two views as one [count, 2, positions, classes]."""
+
+    def __init__(self, classes, **kwargs):
+        super().__init__(**kwargs)
+        self.classes = classes
+
+    def get_config(self):
+        return {**super().get_config(), "classes": self.classes}
+
+    def compute_output_shape(self, heads_shape, labelled_shape):
+        return (*[(None, self.classes)] * len(heads_shape), (None, 2, len(heads_shape), self.classes))
+
+    def call(self, heads, labelled):
+        count = ops.shape(labelled)[0]
+        views = ops.stack([head[count:] for head in heads], axis=1)
+        half = ops.shape(views)[0] // 2
+        return (*[head[:count] for head in heads], ops.stack([views[:half], views[half:]], axis=1))
+
+
+def consistency_model(model, train_settings, seed):
+    """The model to fit for consistency training (FixMatch): labelled captchas through the weak
+    distortions, unlabelled ones twice, through the weak and the strong distortions, all in one batch
+    so that BatchNorm sees them together. Outputs: model's heads for the labelled captchas, named as
+    model's, and `consistency`, the unlabelled captchas' two views (see ConsistencyLoss)."""
+    shape, dtype = model.inputs[0].shape[1:], model.inputs[0].dtype
+    labelled = keras.Input(shape, dtype=dtype, name="pixels")
+    unlabelled = keras.Input(shape, dtype=dtype, name="unlabelled")
+    weak = distortion(train_settings, seed) or keras.layers.Identity()
+    strong = distortion({key: value * STRONG if key.startswith("augment_") else value
+                         for key, value in train_settings.items()}, seed + 1, "strong_distortion")
+    batch = keras.layers.Concatenate(axis=0)([weak(labelled), weak(unlabelled), strong(unlabelled)])
+    *heads, views = SplitViews(model.outputs[0].shape[-1], dtype="float32")(model(batch), labelled)
+    outputs = [keras.layers.Identity(name=name)(head) for name, head in zip(model.output_names, heads)]
+    return keras.Model({"pixels": labelled, "unlabelled": unlabelled},
+                       [*outputs, keras.layers.Identity(name="consistency")(views)], name=f"{model.name}_consistency")
+
+
+def sure(views, threshold):
+    """1 where the weak view's reading is sure: its positions' top probabilities multiply to threshold or more."""
+    return ops.cast(ops.prod(ops.max(views[:, 0], axis=-1), axis=-1) >= threshold, "float32")
+
+
+@keras.saving.register_keras_serializable(package="captcha")
+class ConsistencyLoss(keras.losses.Loss):
+    """FixMatch's loss on unlabelled captchas, over consistency_model's two views: where the weak view's
+    reading is sure, the strong view's cross-entropy against that reading, summed over the positions;
+    0 elsewhere. The weak view passes no gradient. y_true is not read."""
+
+    def __init__(self, threshold, name="consistency", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.threshold = threshold
+
+    def get_config(self):
+        return {**super().get_config(), "threshold": self.threshold}
+
+    def call(self, y_true, y_pred):
+        y_pred = ops.cast(y_pred, "float32")
+        weak = ops.stop_gradient(y_pred[:, 0])
+        reading = ops.one_hot(ops.argmax(weak, axis=-1), ops.shape(weak)[-1])
+        cross_entropy = -ops.sum(reading * ops.log(ops.clip(y_pred[:, 1], 1e-7, 1.0)), axis=(1, 2))
+        return sure(ops.stop_gradient(y_pred), self.threshold) * cross_entropy
+
+
+@keras.saving.register_keras_serializable(package="captcha")
+class SureShare(keras.metrics.MeanMetricWrapper):
+    """The share of unlabelled captchas whose weak view is read surely, so that they are trained on."""
+
+    def __init__(self, threshold, name="sure", **kwargs):
+        super().__init__(lambda y_true, y_pred: sure(y_pred, threshold), name=name, **kwargs)
+        self.threshold = threshold
+
+    def get_config(self):
+        return {"threshold": self.threshold, "name": self.name}

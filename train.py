@@ -250,7 +250,10 @@ def fit_rounds(state, model, extra_callbacks, stage):
     # tensorboard without TensorFlow.
     tensorboard = importlib.util.find_spec("tensorflow") is not None
     state["tensorboard"] = tensorboard
-    rounds = t["self_training_rounds"] if state["unlabelled"] else 0
+    rounds = t["self_training_rounds"] if state["unlabelled"] and t["self_training"] == "rounds" else 0
+    # Consistency training reads the unlabelled images in every batch, from the first step, in one round.
+    unlabelled = state["unlabelled"] and t["self_training"] == "consistency" and state["unlabelled"]["images"]
+    unlabelled = unlabelled if unlabelled is not None and len(unlabelled) else None
     progress_path = run_dir / "rounds.json"  # rounds completed, and the epochs they ran
     progress = (json.loads(progress_path.read_text()) if progress_path.exists()
                 else {"rounds": 0, "epochs": 0, "steps": 0})
@@ -276,22 +279,30 @@ def fit_rounds(state, model, extra_callbacks, stage):
         # times, however small the set.
         steps = max(1, len(train_indices) // batch_size, math.ceil(t["min_steps"] / t["epochs"]))
         if state["feeds"] == (0, 1) and not isinstance(images, np.memmap):  # in memory, one process feeding
-            x, y = epoch_arrays(images, train_indices, targets, state["classes"], batch_size, d["seed"] + round_, steps)
+            x, y = epoch_arrays(images, train_indices, targets, state["classes"], batch_size, d["seed"] + round_, steps,
+                                unlabelled)
             inputs = {"x": x, "y": y, "batch_size": batch_size, "shuffle": True}
         else:  # streamed from the memory-mapped cache, or each process feeding its share of every batch
             inputs = {"x": Batches(images, train_indices, targets, state["classes"], batch_size, d["seed"] + round_,
-                                   steps, state["feeds"])}
+                                   steps, state["feeds"], unlabelled)}
         with state["scope"]():
             # Each round fits a model object of its own over the same layers: fit would otherwise resume at
             # the epoch a previous round's BackupAndRestore restored.
-            round_model = augment.training_model(model, augment.distortion(t, d["seed"] + round_))
+            if unlabelled is None:
+                round_model = augment.training_model(model, augment.distortion(t, d["seed"] + round_))
+            else:
+                round_model = augment.consistency_model(model, t, d["seed"])
             schedule = keras.optimizers.schedules.CosineDecay(state["learning_rate"], decay_steps=t["epochs"] * steps)
             optimizer = (keras.optimizers.AdamW(schedule, weight_decay=t["weight_decay"]) if t["weight_decay"]
                          else keras.optimizers.Adam(schedule))
+            consistency = [] if unlabelled is None else [augment.ConsistencyLoss(t["pseudo_label_confidence"])]
             round_model.compile(
                 optimizer=optimizer,
-                loss=[keras.losses.CategoricalCrossentropy(label_smoothing=t["label_smoothing"])] * lengths[1],
-                metrics=[["accuracy"]] * lengths[1],
+                loss=[keras.losses.CategoricalCrossentropy(label_smoothing=t["label_smoothing"])] * lengths[1]
+                + consistency,
+                # With consistency training, `consistency_sure`: the share of unlabelled captchas read surely.
+                metrics=[["accuracy"]] * lengths[1]
+                + [[augment.SureShare(t["pseudo_label_confidence"])]] * len(consistency),
             )
         backup = run_dir / ("backup" if round_ == 0 else f"backup_round_{round_}")
         to_go = steps * (progress["epochs"] + t["epochs"] - (completed_epochs(backup) or progress["epochs"]))
@@ -340,7 +351,8 @@ def finish_run(state, model):
             f"statistics recomputed over {state['batchnorm_images']} training images" if state["batchnorm_images"]
             else "moving averages"),
         "continued_from": source and {"model": source["path"], "heads": "kept" if state["heads"] else "new"},
-        "self_training": unlabelled and {"unlabelled": d["unlabelled"], "rounds": state["rounds"],
+        "self_training": unlabelled and {"unlabelled": d["unlabelled"], "method": t["self_training"],
+                                         "rounds": state["rounds"],
                                          "pseudo_label_confidence": t["pseudo_label_confidence"]},
         "keras": keras.__version__, "backend": keras.backend.backend(),
     }
@@ -354,7 +366,8 @@ def finish_run(state, model):
            f"kept the model continued from: none of the {progress['epochs']} epochs read the held-out split better")
           + f": held-out whole-string accuracy {held_out_accuracy:.4f}")
     print(f"saved in {run_dir}: {run.MODEL_FILE} (model and metadata), metadata.json, config.yaml, test_split.csv, "
-          f"history.csv{', pseudo_labels.csv' if unlabelled else ''}{', tensorboard/' if state['tensorboard'] else ''}")
+          f"history.csv{', pseudo_labels.csv' if state['rounds'] else ''}"
+          f"{', tensorboard/' if state['tensorboard'] else ''}")
     if t["int8_export"] and not state["process"]:
         int8_export(run_dir)
     return run_dir

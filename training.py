@@ -22,53 +22,72 @@ MONITOR = "val_whole_string_accuracy"
 SELECTION = "val_selection_score"  # what early stopping maximises: see HeldOutAccuracy
 
 
+def passes_over(indices, count, rng):
+    """count indices: as many passes over indices as count needs, each shuffled anew."""
+    passes = -(-count // len(indices))
+    return np.concatenate([rng.permutation(indices) for _ in range(passes)])[:count]
+
+
+def batch_of(images, targets, num_classes, chosen, unlabelled=None, chosen_unlabelled=None):
+    """Inputs and one-hot targets per head for fit; with unlabelled images (consistency training), the inputs
+    also hold those, and a placeholder target stands for them, which ConsistencyLoss does not read."""
+    one_hot = np.eye(num_classes, dtype=np.float32)[targets[chosen]]
+    heads = tuple(one_hot[:, position] for position in range(one_hot.shape[1]))
+    if unlabelled is None:
+        return images[chosen], heads
+    return ({"pixels": images[chosen], "unlabelled": unlabelled[chosen_unlabelled]},
+            (*heads, np.zeros(len(chosen), dtype=np.float32)))
+
+
 class Batches(keras.utils.PyDataset):
-    """Shuffled training batches of the decoded uint8 array, with one-hot targets per head. They are
-    handed over as they are: the distortions are computed on the device, in the training step
-    (augment.Distortion).
+    """Shuffled training batches of the decoded uint8 array, with one-hot targets per head, and as many
+    unlabelled images where consistency training has them. They are handed over as they are: the
+    distortions are computed on the device, in the training step (augment.Distortion).
 
     Every batch is full, so that it splits evenly over data-parallel replicas. With several
     processes feeding one global batch (JAX across hosts), each takes its own share of it."""
 
-    def __init__(self, images, indices, targets, num_classes, batch_size, seed, steps, process=(0, 1), **kwargs):
+    def __init__(self, images, indices, targets, num_classes, batch_size, seed, steps, process=(0, 1), unlabelled=None,
+                 **kwargs):
         super().__init__(**kwargs)
         index, count = process
-        self.images, self.targets, self.num_classes = images, targets, num_classes
+        self.images, self.targets, self.num_classes, self.unlabelled = images, targets, num_classes, unlabelled
         self.batch_size = batch_size // count
         self.indices = np.asarray(indices)[index::count]
         self.seed, self.epoch, self.steps = seed, 0, steps
-        self.order = self.shuffled()
+        self.order, self.unlabelled_order = self.shuffled()
 
     def shuffled(self):
-        """The epoch's order: as many passes over the images, each shuffled anew, as its steps need."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        passes = -(-self.steps * self.batch_size // len(self.indices))
-        return np.concatenate([rng.permutation(self.indices) for _ in range(passes)])
+        """The epoch's order of labelled and of unlabelled images: as many passes over each, shuffled anew,
+        as its steps need."""
+        rng, count = np.random.default_rng([self.seed, self.epoch]), self.steps * self.batch_size
+        return (passes_over(self.indices, count, rng),
+                None if self.unlabelled is None else passes_over(np.arange(len(self.unlabelled)), count, rng))
 
     def __len__(self):
         return self.steps
 
     def __getitem__(self, i):
         # Sorted, so that a memory-mapped array is read in file order.
-        batch = np.sort(self.order[i * self.batch_size:(i + 1) * self.batch_size])
-        one_hot = np.eye(self.num_classes, dtype=np.float32)[self.targets[batch]]
-        return self.images[batch], tuple(one_hot[:, position] for position in range(one_hot.shape[1]))
+        step = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        return batch_of(self.images, self.targets, self.num_classes, np.sort(self.order[step]), self.unlabelled,
+                        None if self.unlabelled is None else np.sort(self.unlabelled_order[step]))
 
     def on_epoch_end(self):
         self.epoch += 1
-        self.order = self.shuffled()
+        self.order, self.unlabelled_order = self.shuffled()
 
 
-def epoch_arrays(images, indices, targets, num_classes, batch_size, seed, steps):
+def epoch_arrays(images, indices, targets, num_classes, batch_size, seed, steps, unlabelled=None):
     """One epoch's steps x batch_size training images and their one-hot targets, as arrays for fit, which
-    shuffles them anew every epoch: each image as many times as the steps need (Batches' passes). On the
-    TensorFlow backend fit reads arrays at the model's pace, where a PyDataset (read through
-    tf.data.Dataset.from_generator) more than doubled a step on a CPU."""
+    shuffles them anew every epoch: each image as many times as the steps need (Batches' passes), and as
+    many unlabelled images for consistency training. On the TensorFlow backend fit reads arrays at the
+    model's pace, where a PyDataset (read through tf.data.Dataset.from_generator) more than doubled a
+    step on a CPU."""
     rng = np.random.default_rng(seed)
-    passes = -(-steps * batch_size // len(indices))
-    chosen = np.concatenate([rng.permutation(indices) for _ in range(passes)])[:steps * batch_size]
-    one_hot = np.eye(num_classes, dtype=np.float32)[targets[chosen]]
-    return images[chosen], tuple(one_hot[:, p] for p in range(one_hot.shape[1]))
+    chosen = passes_over(indices, steps * batch_size, rng)
+    return batch_of(images, targets, num_classes, chosen, unlabelled,
+                    None if unlabelled is None else passes_over(np.arange(len(unlabelled)), len(chosen), rng))
 
 
 class HeldOutAccuracy(keras.callbacks.Callback):

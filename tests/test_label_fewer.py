@@ -11,6 +11,7 @@ import config
 import data
 import model
 import scoring
+import synth
 import train
 import training
 from cli import UserError
@@ -106,3 +107,61 @@ def test_a_new_charset_keeps_the_backbone_and_starts_new_heads(trained_run):
     with pytest.raises(UserError, match="model.weights: .* was trained with model.backbone=MobileNet"):
         train.continued_run({"weights": str(trained_run), "backbone": "ResNet50"})
     assert train.continued_run({"weights": str(trained_run), "backbone": "MobileNet"})["charset"] == "0123456789"
+
+
+def test_consistency_loss_trains_the_strong_view_on_the_weak_views_sure_readings_only():
+    import keras
+
+    import augment
+
+    def reading(first, second):  # two positions over three classes
+        return [[first, (1 - first) / 2, (1 - first) / 2], [second, (1 - second) / 2, (1 - second) / 2]]
+
+    weak = [reading(0.99, 0.99), reading(0.99, 0.5), reading(0.99, 0.99)]  # sure, unsure, sure
+    strong = [reading(0.1, 0.1), reading(0.1, 0.1), reading(0.99, 0.99)]  # disagrees, disagrees, agrees
+    views = keras.ops.convert_to_tensor(np.stack([weak, strong], axis=1).astype("float32"))
+    loss = augment.ConsistencyLoss(0.9, reduction=None)
+    per_captcha = keras.ops.convert_to_numpy(loss(np.zeros(3, np.float32), views))
+    assert per_captcha[0] == pytest.approx(-2 * np.log(0.1), rel=1e-3)  # sure, and the strong view reads otherwise
+    assert per_captcha[1] == 0  # one unsure position: not trained on
+    assert per_captcha[2] == pytest.approx(-2 * np.log(0.99), rel=1e-3)
+    assert list(keras.ops.convert_to_numpy(augment.sure(views, 0.9))) == [1, 0, 1]
+
+
+def test_consistency_training_reads_each_unlabelled_captcha_through_two_views(tmp_path, digits, cache_dir, capsys):
+    import keras
+
+    import augment
+
+    keras.mixed_precision.set_global_policy("float32")
+    pixels = keras.Input((32, 64, 3), dtype="uint8")
+    features = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(pixels))
+    tiny = keras.Model(pixels, [keras.layers.Dense(10, activation="softmax", name=f"char_{i}")(features)
+                                for i in (1, 2)])
+    settings = config.load_config(None, [])["train"]
+    fitted = augment.consistency_model(tiny, settings, seed=3)
+    images = np.stack([data.decode_image(p, (32, 64)) for p in data.find_images(digits)[:5]])
+    *heads, views = fitted({"pixels": images[:2], "unlabelled": images[2:]}, training=True)
+    assert [tuple(head.shape) for head in heads] == [(2, 10), (2, 10)]  # the labelled captchas' heads
+    assert tuple(views.shape) == (3, 2, 2, 10)  # each unlabelled captcha, weak view and strong view
+    views = keras.ops.convert_to_numpy(views)
+    assert not np.allclose(views[:, 0], views[:, 1])  # two views, distorted differently
+
+    # A run: unlabelled captchas in every batch from the first step, no rounds, and the share read surely logged.
+    synth.draw_set(tmp_path / "unlabelled", 8, [4, 4], "0123456789", (32, 64), seed=21)
+    unlabelled = tmp_path / "unlabelled"
+    cfg = config.load_config(None, overrides(f"data.dir={digits}", "data.charset=0123456789", "train.epochs=1",
+                                             "model.weights=none", f"data.unlabelled={unlabelled}",
+                                             "train.self_training=consistency", "data.max_train_images=32",
+                                             cache_dir=cache_dir))
+    run_dir = train.train(cfg, tmp_path / "run")
+    with open(run_dir / "history.csv") as f:
+        (epoch,) = list(csv.DictReader(f))
+    assert 0 <= float(epoch["consistency_sure"]) <= 1 and "consistency_loss" in epoch
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["self_training"]["method"] == "consistency" and metadata["self_training"]["rounds"] == 0
+    assert not (run_dir / "pseudo_labels.csv").exists()
+    with pytest.raises(UserError, match="train.self_training=consistency needs distorted views"):
+        config.load_config(None, overrides("train.self_training=consistency", *[
+            f"train.augment_{name}=0" for name in ("shift", "rotate", "scale", "warp", "blur", "noise")],
+            cache_dir=cache_dir))
