@@ -252,8 +252,8 @@ def fit_rounds(state, model, extra_callbacks, stage):
     state["tensorboard"] = tensorboard
     rounds = t["self_training_rounds"] if state["unlabelled"] and t["self_training"] == "rounds" else 0
     # Consistency training reads the unlabelled images in every batch, from the first step, in one round.
-    unlabelled = state["unlabelled"] and t["self_training"] == "consistency" and state["unlabelled"]["images"]
-    unlabelled = unlabelled if unlabelled is not None and len(unlabelled) else None
+    by_consistency = state["unlabelled"] and t["self_training"] == "consistency" and len(state["unlabelled"]["images"])
+    unlabelled = state["unlabelled"]["images"] if by_consistency else None
     progress_path = run_dir / "rounds.json"  # rounds completed, and the epochs they ran
     progress = (json.loads(progress_path.read_text()) if progress_path.exists()
                 else {"rounds": 0, "epochs": 0, "steps": 0})
