@@ -1,6 +1,6 @@
 """Random distortions of training captchas, computed on the device inside the training step.
 
-One Keras layer, in keras.ops, so that it runs on whatever device and backend trains: the loader
+Keras layers, in keras.ops, so that it runs on whatever device and backend trains: the loader
 hands over uint8 pixels only. It is active in training alone, and train.py puts it in front of the
 model it fits, never in the model it saves.
 """
@@ -141,8 +141,11 @@ def training_model(model, distortion_layer):
                                 for name, output in zip(model.output_names, outputs)], name=f"{model.name}_training")
 
 
-# The strong view of consistency training: every distortion this many times as strong as in the weak view.
+# Consistency training's strong view: each distortion this many times the weak view's, so that the two differ
+# as FixMatch's weak and strong augmentations do, yet each within the bound that keeps a captcha readable.
 STRONG = 3.0
+STRONG_BOUNDS = {"augment_shift": 0.2, "augment_rotate": 30.0, "augment_scale": 0.3, "augment_warp": 0.45,
+                 "augment_blur": 3.0, "augment_noise": 0.2}
 
 
 @keras.saving.register_keras_serializable(package="captcha")
@@ -175,9 +178,9 @@ def consistency_model(model, train_settings, seed):
     shape, dtype = model.inputs[0].shape[1:], model.inputs[0].dtype
     labelled = keras.Input(shape, dtype=dtype, name="pixels")
     unlabelled = keras.Input(shape, dtype=dtype, name="unlabelled")
-    weak = distortion(train_settings, seed) or keras.layers.Identity()
-    strong = distortion({key: value * STRONG if key.startswith("augment_") else value
-                         for key, value in train_settings.items()}, seed + 1, "strong_distortion")
+    weak = distortion(train_settings, seed)
+    strong = distortion({**train_settings, **{key: min(train_settings[key] * STRONG, bound)
+                                              for key, bound in STRONG_BOUNDS.items()}}, seed + 1, "strong_distortion")
     batch = keras.layers.Concatenate(axis=0)([weak(labelled), weak(unlabelled), strong(unlabelled)])
     *heads, views = SplitViews(model.outputs[0].shape[-1], dtype="float32")(model(batch), labelled)
     outputs = [keras.layers.Identity(name=name)(head) for name, head in zip(model.output_names, heads)]

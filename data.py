@@ -685,7 +685,8 @@ def fitted_style(paths, charset, lengths, seed=0):
         raise UserError(f"no readable images to fit the synthetic captchas to, among {len(paths)} files")
     style, size, distance, package_distance = synth.fit_style(images, charset, lengths, seed)
     print(f"synthetic captchas fitted to {len(images)} images: {size[0]}x{size[1]}, distance {distance:.1f} "
-          f"(the captcha package's style: {package_distance:.1f})")
+          f"(the captcha package's style: {package_distance:.1f}"
+          f"{', nearer: drawn in it' if style == synth.Style() else ''})")
     return style, size
 
 

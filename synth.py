@@ -52,8 +52,9 @@ class Style:
 
 
 REFERENCE_HEIGHT = 64
-# Part of the synthetic start's cache key: bump it whenever the same Style draws differently.
-STYLE_VERSION = 2
+# Part of the synthetic start's cache key: bump it whenever the same Style draws differently, or the fit
+# (STATISTICS, SEARCHED, FIT_*) chooses differently.
+STYLE_VERSION = 3
 # The quick start's own set: four digits, drawn small and plain enough that the shipped model learns
 # them from random weights within minutes on a laptop CPU.
 QUICK_START_STYLE = Style(font_sizes=(44, 48, 52), offset=(2, 2), rotate=8, warp=((0.0, 0.1), (0.0, 0.1)),
@@ -73,7 +74,9 @@ class Drawer:
         self.style, scale = style, size[0] / REFERENCE_HEIGHT
         self.fonts = [ImageFont.truetype(f, max(8, round(s * scale))) for f in font_files() for s in style.font_sizes]
         self.dot_width = max(1, round(style.dot_width * scale))
-        self.arc_width, self.line_width = (max(1, round(w * scale)) for w in (style.arc_width, style.line_width))
+        # The package's arcs are one pixel wide at any size: only wider ones scale.
+        self.arc_width = 1 if style.arc_width == 1 else max(1, round(style.arc_width * scale))
+        self.line_width = max(1, round(style.line_width * scale))
         self.stroke = round(style.stroke * scale)
 
     def draw(self, text, rng):
@@ -111,7 +114,7 @@ class Drawer:
         _, _, w, h = ImageDraw.Draw(Image.new("RGB", (1, 1))).multiline_textbbox(
             (1, 1), char, font=font, stroke_width=self.stroke)
         dx, dy = rng.randint(0, style.offset[0]), rng.randint(0, style.offset[1])
-        im = Image.new("RGBA", (int(w) + dx, int(h) + dy))
+        im = Image.new("RGBA", (int(w) + dx + 2 * self.stroke, int(h) + dy + 2 * self.stroke))
         ImageDraw.Draw(im).text((dx + self.stroke, dy + self.stroke), char, font=font, fill=colour,
                                 stroke_width=self.stroke, stroke_fill=colour)
         box = im.getbbox()
@@ -271,7 +274,8 @@ def fit_style(images, charset, lengths=(4, 4), seed=0, progress=True):
     measured = statistics(real)
     # A floor under each spread, 2% of its range, so that a statistic all the images share exactly (no grain,
     # one background) is matched closely but cannot outweigh the others without limit.
-    ranges = np.array([255.0 if name.startswith(("noise", "background", "ink_")) else 1.0 for name in STATISTICS])
+    levels = ("noise", "background_red", "background_green", "background_blue", "ink_red", "ink_green", "ink_blue")
+    ranges = np.array([255.0 if name in levels else 1.0 for name in STATISTICS])
     target, spread = measured.mean(0), measured.std(0) + 0.02 * ranges
     column = {name: measured[:, i] for i, name in enumerate(STATISTICS)}
     backgrounds = np.stack([column[f"background_{c}"] for c in ("red", "green", "blue")])

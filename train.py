@@ -22,7 +22,7 @@ import augment
 import data
 import run
 import synth
-from cli import UserError, import_keras, run_main
+from cli import UserError, import_keras, run_main, warn
 from config import DEFAULTS_PATH, flatten, load_config, shipped
 from model import (ImageNetUnavailable, build_model, copy_weights, load_model, preprocessing_for, resolve_precision,
                    save_model, with_precision)
@@ -252,8 +252,11 @@ def fit_rounds(state, model, extra_callbacks, stage):
     state["tensorboard"] = tensorboard
     rounds = t["self_training_rounds"] if state["unlabelled"] and t["self_training"] == "rounds" else 0
     # Consistency training reads the unlabelled images in every batch, from the first step, in one round.
-    by_consistency = state["unlabelled"] and t["self_training"] == "consistency" and len(state["unlabelled"]["images"])
-    unlabelled = state["unlabelled"]["images"] if by_consistency else None
+    by_consistency = bool(state["unlabelled"]) and t["self_training"] == "consistency"
+    unlabelled = state["unlabelled"]["images"] if by_consistency and len(state["unlabelled"]["images"]) else None
+    if by_consistency and unlabelled is None:
+        warn("train.self_training=consistency: no unlabelled captchas are left to learn from; training on the "
+             "labels alone")
     progress_path = run_dir / "rounds.json"  # rounds completed, and the epochs they ran
     progress = (json.loads(progress_path.read_text()) if progress_path.exists()
                 else {"rounds": 0, "epochs": 0, "steps": 0})

@@ -53,7 +53,7 @@ class Batches(keras.utils.PyDataset):
         index, count = process
         self.images, self.targets, self.num_classes, self.unlabelled = images, targets, num_classes, unlabelled
         self.batch_size = batch_size // count
-        self.indices = np.asarray(indices)[index::count]
+        self.indices, self.share = np.asarray(indices)[index::count], slice(index, None, count)
         self.seed, self.epoch, self.steps = seed, 0, steps
         self.order, self.unlabelled_order = self.shuffled()
 
@@ -61,8 +61,11 @@ class Batches(keras.utils.PyDataset):
         """The epoch's order of labelled and of unlabelled images: as many passes over each, shuffled anew,
         as its steps need."""
         rng, count = np.random.default_rng([self.seed, self.epoch]), self.steps * self.batch_size
-        return (passes_over(self.indices, count, rng),
-                None if self.unlabelled is None else passes_over(np.arange(len(self.unlabelled)), count, rng))
+        if self.unlabelled is None:
+            return passes_over(self.indices, count, rng), None
+        # Each process its own share of the unlabelled images, as of the labelled ones.
+        unlabelled = np.arange(len(self.unlabelled))[self.share]
+        return passes_over(self.indices, count, rng), passes_over(unlabelled, count, rng)
 
     def __len__(self):
         return self.steps

@@ -146,6 +146,13 @@ def test_consistency_training_reads_each_unlabelled_captcha_through_two_views(tm
     assert tuple(views.shape) == (3, 2, 2, 10)  # each unlabelled captcha, weak view and strong view
     views = keras.ops.convert_to_numpy(views)
     assert not np.allclose(views[:, 0], views[:, 1])  # two views, distorted differently
+    strong = fitted.get_layer("strong_distortion")
+    assert strong.rotate == 3 * settings["augment_rotate"] and strong.warp == 0.45  # 3x, within a readable bound
+
+    # Processes feeding one batch each read their own unlabelled captchas, as their own labelled ones.
+    shares = [training.Batches(images, np.arange(4), np.zeros((5, 2), np.int32), 10, 4, 0, 2, (index, 2),
+                               unlabelled=np.zeros((10, 32, 64, 3), np.uint8)).unlabelled_order for index in (0, 1)]
+    assert not set(shares[0]) & set(shares[1])
 
     # A run: unlabelled captchas in every batch from the first step, no rounds, and the share read surely logged.
     synth.draw_set(tmp_path / "unlabelled", 8, [4, 4], "0123456789", (32, 64), seed=21)
