@@ -461,7 +461,8 @@ def test_synthetic_weights_train_once_are_reused_and_are_the_imagenet_fallback(t
     monkeypatch.setattr(synth, "FIT_DRAWS", 4)  # a rough fit: this test is about the start, not the style
     monkeypatch.setattr(synth, "FIT_PASSES", 1)
     cfg = tiny_config(folder, cache, "model.weights=synthetic", "model.synthetic_images=64",
-                      "model.synthetic_epochs=1", "train.epochs=1", "data.charset=0123456789")
+                      "model.synthetic_style=fitted", "model.synthetic_epochs=1", "train.epochs=1",
+                      "data.charset=0123456789")
     first = train.train(cfg, tmp_path / "first")
     printed = capsys.readouterr().out
     assert "first training on 64 synthetic captchas of the set's charset and lengths" in printed
