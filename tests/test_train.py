@@ -198,6 +198,22 @@ def test_synthetic_weights_refuse_a_charset_their_captchas_cannot_draw(tmp_path,
     assert not (tmp_path / "cache" / "synthetic").exists()
 
 
+def test_a_fitted_synthetic_start_is_reused_for_the_same_training_images_only(tmp_path, digits, monkeypatch):
+    monkeypatch.setattr(synth, "FIT_DRAWS", 2)
+    monkeypatch.setattr(synth, "FIT_PASSES", 1)
+    monkeypatch.setattr(train, "train", lambda cfg, run_dir, stage: run_dir)  # the start's key, not its training
+    cfg = tiny_config(digits, tmp_path / "cache", "model.weights=synthetic", "model.synthetic_images=10",
+                      "model.synthetic_style=fitted", "data.charset=0123456789")
+    dataset = data.load_dataset(cfg)
+
+    def start(train_indices):
+        return train.pretrained_on_synthetic(cfg, {**dataset, "train": np.asarray(train_indices)})
+
+    first = start(dataset["train"][:20])
+    assert start(dataset["train"][:20]) == first  # the same images: the same start
+    assert start(dataset["train"][20:40]) != first  # other training images: fitted and trained anew
+
+
 def test_early_stopping_counts_characters_while_no_captcha_is_read_whole(tmp_path):
     """A small set's first epochs read no captcha whole, yet learn: patience follows the characters
     read until whole reads come, and then the whole reads; the best epoch is the one kept."""
