@@ -19,6 +19,7 @@ CHOICES = {
     "data.case": ("sensitive", "lower", "upper"),
     "model.weights_fallback": ("synthetic", "none", "stop"),
     "model.synthetic_style": ("fitted", "captcha"),
+    "model.synthetic_scope": ("set", "machine"),
     "train.self_training": ("rounds", "consistency"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribute": ("none", "data_parallel"),
@@ -155,6 +156,9 @@ def validate(cfg):
             raise UserError(f"{key} is out of range: {flatten(cfg)[key]!r}")
     if train["self_training"] == "consistency" and not any(v for k, v in train.items() if k.startswith("augment_")):
         raise UserError("train.self_training=consistency needs distorted views: set one of train.augment_* above 0")
+    if model["synthetic_scope"] == "machine" and model["synthetic_style"] == "fitted":
+        raise UserError("model.synthetic_style=fitted draws like one set's images, so its start cannot be shared: "
+                        "set model.synthetic_scope=set, or model.synthetic_style=captcha")
     charset = data["charset"]
     if charset is not None and len(set(charset)) != len(charset):
         raise UserError(f"data.charset must have no repeated characters, got {charset!r}")

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import string
 import sys
 from pathlib import Path
 
@@ -40,6 +41,10 @@ QUICK_START = {"data.image_size": [32, 80], "train.epochs": 2, "train.min_steps"
 # What shortens each stage, as its time estimate says.
 TRAINING = ("training", "train.epochs, train.min_steps or data.image_size")
 PRETRAINING = ("pretraining on synthetic captchas", "model.synthetic_epochs or model.synthetic_images")
+# model.synthetic_scope=machine: one synthetic start for every set, letters of both cases and digits, the
+# lengths most sites use, at the input size `auto` gives most captchas.
+SHARED_START = {"name": "0-9a-zA-Z, 4 to 6 characters", "charset": string.digits + string.ascii_letters,
+                "lengths": [4, 6], "image_size": [48, 128]}
 
 
 def train(cfg, run_dir=None, extra_callbacks=(), stage=TRAINING):
@@ -153,45 +158,55 @@ def imagenet_or_fallback(m, dataset):
 
 def pretrained_on_synthetic(cfg, dataset):
     """model.weights=synthetic -> a finished run on model.synthetic_images captchas that synth.draw_set
-    draws in the set's charset and lengths, in model.synthetic_style, trained from random initialisation
-    with the other settings of cfg: the start a few hundred labels lack without ImageNet weights
-    (docs/design.md). Kept under data.cache_dir and reused for the same charset, lengths, input size,
-    backbone, synthetic settings and, for a fitted style, training images; killed, it resumes like any run."""
+    draws in model.synthetic_style, trained from random initialisation with the other settings of cfg:
+    the start a few hundred labels lack without ImageNet weights (docs/design.md). With
+    model.synthetic_scope=set they are drawn in the set's charset, lengths and input size; with `machine`,
+    in SHARED_START's, so that one start serves every set (its backbone, with new heads). Kept under
+    data.cache_dir and reused for the same drawing and training settings and, for a fitted style,
+    training images; killed, it resumes like any run."""
     d, m = cfg["data"], cfg["model"]
-    height, width = dataset["image_size"]
-    missing = synth.undrawable(dataset["charset"])
-    if missing:
-        raise UserError(f"model.weights=synthetic: the synthetic captchas cannot draw {missing!r}, which the "
-                        f"charset holds (their font has no glyph for it); set model.weights to imagenet, none or a "
-                        f"weights file")
+    shared = m["synthetic_scope"] == "machine"
+    if shared:
+        charset, lengths, (height, width), seed = (SHARED_START["charset"], SHARED_START["lengths"],
+                                                   SHARED_START["image_size"], 0)
+        drawn = f"{SHARED_START['name']}, the start shared by every set in {d['cache_dir']}"
+    else:
+        charset, lengths, (height, width), seed = dataset["charset"], d["length"], dataset["image_size"], d["seed"]
+        drawn = "the set's charset and lengths"
+        missing = synth.undrawable(charset)
+        if missing:
+            raise UserError(f"model.weights=synthetic: the synthetic captchas cannot draw {missing!r}, which the "
+                            f"charset holds (their font has no glyph for it); set model.weights to imagenet, none, "
+                            f"a weights file, or model.synthetic_scope to machine")
     fitted = m["synthetic_style"] == "fitted"
-    what = {"charset": dataset["charset"], "length": d["length"], "image_size": [height, width],
-            "backbone": m["backbone"], "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": d["seed"],
+    what = {"charset": charset, "length": list(lengths), "image_size": [height, width],
+            "backbone": m["backbone"], "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": seed,
             "style": m["synthetic_style"], "style_version": synth.STYLE_VERSION,
             "fitted_to": sorted(dataset["digests"][i] for i in dataset["train"]) if fitted else None}
     folder = Path(d["cache_dir"]) / "synthetic" / hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     run_dir = folder / "run"
     if (run_dir / run.MODEL_FILE).exists():
         print(f"model.weights=synthetic: continuing from {run_dir}, trained earlier on {m['synthetic_images']} "
-              f"synthetic captchas")
+              f"synthetic captchas of {drawn}")
         return run_dir
     images = folder / "images"
     if not images.exists():
         if fitted:
-            style, size = data.fitted_style([dataset["items"][i][0] for i in dataset["train"]], dataset["charset"],
-                                            d["length"], d["seed"])
+            style, size = data.fitted_style([dataset["items"][i][0] for i in dataset["train"]], charset,
+                                            lengths, seed)
         else:  # drawn 64 pixels high, the captcha package's scale, in the input's shape
             style, size = synth.Style(), (64, round(64 * width / height))
         with atomic.replacing(images) as partial:
-            synth.draw_set(partial, m["synthetic_images"], d["length"], dataset["charset"], size, d["seed"], style,
+            synth.draw_set(partial, m["synthetic_images"], lengths, charset, size, seed, style,
                            shorten="model.synthetic_images")
     synthetic = copy.deepcopy(cfg)
-    synthetic["data"].update(dir=str(images), labels=None, label_pattern=None, charset=dataset["charset"],
-                             case="sensitive", image_size=[height, width], max_train_images=0, unlabelled=None)
+    synthetic["data"].update(dir=str(images), labels=None, label_pattern=None, charset=charset, length=list(lengths),
+                             case="sensitive", image_size=[height, width], seed=seed, max_train_images=0,
+                             unlabelled=None)
     synthetic["model"]["weights"] = "none"
     synthetic["train"].update(epochs=m["synthetic_epochs"], int8_export=False)  # a start, never read as it is
-    print(f"model.weights=synthetic: first training on {m['synthetic_images']} synthetic captchas of the set's "
-          f"charset and lengths, {m['synthetic_epochs']} epochs, in {run_dir}")
+    print(f"model.weights=synthetic: first training on {m['synthetic_images']} synthetic captchas of {drawn}, "
+          f"{m['synthetic_epochs']} epochs, in {run_dir}")
     return train(synthetic, run_dir, stage=PRETRAINING)
 
 

@@ -69,6 +69,12 @@ def test_bad_values_are_refused_with_the_key(override, fragment):
     assert fragment in str(error.value)
 
 
+def test_a_fitted_synthetic_style_cannot_be_shared_across_sets():
+    with pytest.raises(UserError, match="model.synthetic_style=fitted draws like one set's images, so its start "
+                                        "cannot be shared: set model.synthetic_scope=set"):
+        load_config(None, ["model.synthetic_style=fitted", "model.synthetic_scope=machine"])
+
+
 def test_a_user_file_overrides_defaults_and_is_checked(tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump({"train": {"epochs": 3}}))

@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -469,6 +470,36 @@ def test_run_dir_or_config_paths_of_the_wrong_kind_are_one_clear_line(tmp_path, 
         train.main(["--config", str(tmp_path), *settings])
     with pytest.raises(UserError, match=f"label file {tmp_path} cannot be read: Is a directory"):
         train.main(["--run-dir", str(tmp_path / "run"), *settings, "--set", f"data.labels={tmp_path}"])
+
+
+def test_a_machine_wide_synthetic_start_is_trained_once_and_serves_other_charsets_and_lengths(tmp_path, digits,
+                                                                                              capsys, monkeypatch):
+    monkeypatch.setitem(train.SHARED_START, "image_size", [32, 64])  # small enough for a test
+    cache = tmp_path / "cache"
+    letters = tmp_path / "letters"
+    synth.draw_set(letters, 40, (5, 5), "abcdef", (32, 80), seed=1)
+    settings = ("model.weights=synthetic", "model.synthetic_scope=machine", "model.synthetic_images=64",
+                "model.synthetic_epochs=1", "train.epochs=1")
+    first = train.train(tiny_config(copy_digits(digits, tmp_path / "few", 40), cache, *settings,
+                                    "data.charset=0123456789"), tmp_path / "first")
+    assert "first training on 64 synthetic captchas of 0-9a-zA-Z, 4 to 6 characters" in capsys.readouterr().out
+    (pretrained,) = (cache / "synthetic").glob("*/run")
+    synthetic_metadata = json.loads((pretrained / "metadata.json").read_text())
+    assert synthetic_metadata["charset"] == string.digits + string.ascii_letters
+    assert [synthetic_metadata["min_length"], synthetic_metadata["length"]] == [4, 6]
+    drawn = [path.stem.split("_")[0] for path in data.find_images(pretrained.parent / "images")]
+    assert {len(label) for label in drawn} == {4, 5, 6}
+    assert any(c.islower() for label in drawn for c in label) and any(c.isupper() for label in drawn for c in label)
+
+    # Another charset and length: the same start, trained once, its backbone with new heads.
+    second = train.train(tiny_config(letters, cache, *settings, "data.length=5"), tmp_path / "second")
+    printed = capsys.readouterr().out
+    assert f"continuing from {pretrained}, trained earlier" in printed and "first training on" not in printed
+    assert len(list((cache / "synthetic").iterdir())) == 1
+    for run_dir, charset, length in ((first, "0123456789", 4), (second, "abcdef", 5)):
+        metadata = json.loads((run_dir / "metadata.json").read_text())
+        assert metadata["continued_from"] == {"model": str(pretrained / "model.keras"), "heads": "new"}
+        assert (metadata["charset"], metadata["length"]) == (charset, length)
 
 
 def test_synthetic_weights_train_once_are_reused_and_are_the_imagenet_fallback(tmp_path, digits, capsys, monkeypatch):
