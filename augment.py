@@ -188,9 +188,9 @@ def consistency_model(model, train_settings, seed):
                        [*outputs, keras.layers.Identity(name="consistency")(views)], name=f"{model.name}_consistency")
 
 
-def sure(views, threshold):
+def sure(weak, threshold):
     """1 where the weak view's reading is sure: its positions' top probabilities multiply to threshold or more."""
-    return ops.cast(ops.prod(ops.max(views[:, 0], axis=-1), axis=-1) >= threshold, "float32")
+    return ops.cast(ops.prod(ops.max(weak, axis=-1), axis=-1) >= threshold, "float32")
 
 
 @keras.saving.register_keras_serializable(package="captcha")
@@ -211,7 +211,7 @@ class ConsistencyLoss(keras.losses.Loss):
         weak = ops.stop_gradient(y_pred[:, 0])
         reading = ops.one_hot(ops.argmax(weak, axis=-1), ops.shape(weak)[-1])
         cross_entropy = -ops.sum(reading * ops.log(ops.clip(y_pred[:, 1], 1e-7, 1.0)), axis=(1, 2))
-        return sure(ops.stop_gradient(y_pred), self.threshold) * cross_entropy
+        return sure(weak, self.threshold) * cross_entropy
 
 
 @keras.saving.register_keras_serializable(package="captcha")
@@ -219,7 +219,7 @@ class SureShare(keras.metrics.MeanMetricWrapper):
     """The share of unlabelled captchas whose weak view is read surely, so that they are trained on."""
 
     def __init__(self, threshold, name="sure", **kwargs):
-        super().__init__(lambda y_true, y_pred: sure(y_pred, threshold), name=name, **kwargs)
+        super().__init__(lambda y_true, y_pred: sure(y_pred[:, 0], threshold), name=name, **kwargs)
         self.threshold = threshold
 
     def get_config(self):

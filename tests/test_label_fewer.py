@@ -125,7 +125,7 @@ def test_consistency_loss_trains_the_strong_view_on_the_weak_views_sure_readings
     assert per_captcha[0] == pytest.approx(-2 * np.log(0.1), rel=1e-3)  # sure, and the strong view reads otherwise
     assert per_captcha[1] == 0  # one unsure position: not trained on
     assert per_captcha[2] == pytest.approx(-2 * np.log(0.99), rel=1e-3)
-    assert list(keras.ops.convert_to_numpy(augment.sure(views, 0.9))) == [1, 0, 1]
+    assert list(keras.ops.convert_to_numpy(augment.sure(views[:, 0], 0.9))) == [1, 0, 1]
 
 
 def test_consistency_training_reads_each_unlabelled_captcha_through_two_views(tmp_path, digits, cache_dir, capsys):
