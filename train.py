@@ -147,10 +147,11 @@ def imagenet_or_fallback(m, dataset):
         if m["weights_fallback"] == "stop":
             raise UserError(f"model.weights=imagenet: {e}") from None
         fallback, why = m["weights_fallback"], ""
-        missing = fallback == "synthetic" and synth.undrawable(dataset["charset"])
+        missing = fallback == "synthetic" and m["synthetic_scope"] == "set" and synth.undrawable(dataset["charset"])
         if missing:
             fallback, why = "none", f", as the synthetic captchas cannot draw {missing!r}"
-        start = "synthetic captchas of the set's charset and lengths" if fallback == "synthetic" else "random weights"
+        drawn = "the set's charset and lengths" if m["synthetic_scope"] == "set" else SHARED_START["name"]
+        start = f"synthetic captchas of {drawn}" if fallback == "synthetic" else "random weights"
         print(f"WARNING: {e}. Starting from {start} instead{why} (model.weights_fallback: synthetic, none or stop).",
               file=sys.stderr)
         return fallback

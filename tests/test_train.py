@@ -179,8 +179,9 @@ def test_without_the_imagenet_weights_training_falls_back_as_configured_or_stops
         model.build_model((32, 64), 4, 10, weights="imagenet")
     assert "~/.keras/models" in str(error.value) and "https://example.invalid/xception_notop.h5" in str(error.value)
     digits = {"image_size": (32, 64), "charset": "0123456789"}
-    fallback = lambda choice, dataset=digits: train.imagenet_or_fallback(  # noqa: E731
-        {"backbone": "MobileNet", "weights": "imagenet", "weights_fallback": choice}, dataset)
+    fallback = lambda choice, dataset=digits, scope="set": train.imagenet_or_fallback(  # noqa: E731
+        {"backbone": "MobileNet", "weights": "imagenet", "weights_fallback": choice, "synthetic_scope": scope},
+        dataset)
     assert fallback("synthetic") == "synthetic"
     assert "could not download the ImageNet weights" in capsys.readouterr().err
     assert fallback("none") == "none"
@@ -190,6 +191,8 @@ def test_without_the_imagenet_weights_training_falls_back_as_configured_or_stops
     # Captchas the synthetic ones cannot draw (no glyph in their font) start from random weights.
     assert fallback("synthetic", {"image_size": (32, 64), "charset": "0123中"}) == "none"
     assert "cannot draw '中'" in capsys.readouterr().err
+    # The machine's shared start draws its own charset: any set can start from its backbone.
+    assert fallback("synthetic", {"image_size": (32, 64), "charset": "0123中"}, "machine") == "synthetic"
 
 
 def test_synthetic_weights_refuse_a_charset_their_captchas_cannot_draw(tmp_path, digits):
