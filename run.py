@@ -215,9 +215,9 @@ def clear_untrained(run_dir):
         atomic.remove(Path(run_dir) / name)
 
 
-def lock(run_dir):
+def lock(run_dir, advice="or choose another --run-dir"):
     """Takes the run directory for this process, or raises UserError naming the process that
-    holds it. The kernel drops a lock when its process ends, however it ends: the lock of a
+    holds it, and `advice`. The kernel drops a lock when its process ends, however it ends: the lock of a
     killed run never blocks its resume."""
     key = os.path.abspath(run_dir)
     if key in held_locks:
@@ -230,8 +230,7 @@ def lock(run_dir):
         lock_file.seek(0)
         pid = lock_file.read().strip() or "unknown"
         lock_file.close()
-        raise UserError(f"another process (pid {pid}) is training into {run_dir}: wait for it to end, "
-                        f"or choose another --run-dir") from None
+        raise UserError(f"another process (pid {pid}) is training into {run_dir}: wait for it to end, {advice}") from None
     lock_file.truncate(0)
     lock_file.write(f"{os.getpid()}\n")
     lock_file.flush()

@@ -41,8 +41,7 @@ QUICK_START = {"data.image_size": [32, 80], "train.epochs": 2, "train.min_steps"
 # What shortens each stage, as its time estimate says.
 TRAINING = ("training", "train.epochs, train.min_steps or data.image_size")
 PRETRAINING = ("pretraining on synthetic captchas", "model.synthetic_epochs or model.synthetic_images")
-# model.synthetic_scope=machine: one synthetic start for every set, letters of both cases and digits, the
-# lengths most sites use, at the input size `auto` gives most captchas.
+# model.synthetic_scope=machine's one start for every set: the charsets, lengths and input size most sites use.
 SHARED_START = {"name": "0-9a-zA-Z, 4 to 6 characters", "charset": string.digits + string.ascii_letters,
                 "lengths": [4, 6], "image_size": [48, 128]}
 
@@ -163,8 +162,8 @@ def pretrained_on_synthetic(cfg, dataset):
     the start a few hundred labels lack without ImageNet weights (docs/design.md). With
     model.synthetic_scope=set they are drawn in the set's charset, lengths and input size; with `machine`,
     in SHARED_START's, so that one start serves every set (its backbone, with new heads). Kept under
-    data.cache_dir and reused for the same drawing and training settings and, for a fitted style,
-    training images; killed, it resumes like any run."""
+    data.cache_dir and reused for the same drawing settings and, for a fitted style, training images,
+    trained with the train.* settings of the run that first needed it; killed, it resumes like any run."""
     d, m = cfg["data"], cfg["model"]
     shared = m["synthetic_scope"] == "machine"
     if shared:
@@ -178,7 +177,7 @@ def pretrained_on_synthetic(cfg, dataset):
         if missing:
             raise UserError(f"model.weights=synthetic: the synthetic captchas cannot draw {missing!r}, which the "
                             f"charset holds (their font has no glyph for it); set model.weights to imagenet, none, "
-                            f"a weights file, or model.synthetic_scope to machine")
+                            f"a weights file, or model.synthetic_scope to machine with model.synthetic_style=captcha")
     fitted = m["synthetic_style"] == "fitted"
     what = {"charset": charset, "length": list(lengths), "image_size": [height, width],
             "backbone": m["backbone"], "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": seed,
@@ -186,11 +185,17 @@ def pretrained_on_synthetic(cfg, dataset):
             "fitted_to": sorted(dataset["digests"][i] for i in dataset["train"]) if fitted else None}
     folder = Path(d["cache_dir"]) / "synthetic" / hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     run_dir = folder / "run"
+    run.lock(folder, "then run again: the start it trains is kept for this run too")  # sets may share it
     if (run_dir / run.MODEL_FILE).exists():
         print(f"model.weights=synthetic: continuing from {run_dir}, trained earlier on {m['synthetic_images']} "
               f"synthetic captchas of {drawn}")
         return run_dir
     images = folder / "images"
+    if shared:  # a backbone that cannot take the shared size says so before anything is drawn
+        try:
+            build_model(SHARED_START["image_size"], 1, 2, m["backbone"], "none")
+        except UserError as e:
+            raise UserError(f"model.synthetic_scope=machine: {e}") from None
     if not images.exists():
         if fitted:
             style, size = data.fitted_style([dataset["items"][i][0] for i in dataset["train"]], charset,

@@ -202,6 +202,32 @@ def test_synthetic_weights_refuse_a_charset_their_captchas_cannot_draw(tmp_path,
     assert not (tmp_path / "cache" / "synthetic").exists()
 
 
+def test_a_synthetic_start_another_process_is_training_stops_with_one_line(tmp_path, digits, monkeypatch):
+    cfg = tiny_config(digits, tmp_path / "cache", "model.weights=synthetic", "model.synthetic_scope=machine")
+    dataset = {"image_size": [32, 64], "charset": "0123456789"}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "draw_set", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.pretrained_on_synthetic(cfg, dataset)
+    (folder,) = (tmp_path / "cache" / "synthetic").iterdir()
+    held_locks.pop(str(folder)).close()  # as if this process had ended
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); f.truncate(0); f.write('4242'); f.flush(); "
+                               "print('held', flush=True); time.sleep(60)", str(folder / LOCK_FILE)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"another process \\(pid 4242\\) is training into {folder}: wait for it "
+                                            f"to end, then run again"):
+            train.pretrained_on_synthetic(cfg, dataset)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_fitted_synthetic_start_is_reused_for_the_same_training_images_only(tmp_path, digits, monkeypatch):
     monkeypatch.setattr(synth, "FIT_DRAWS", 2)
     monkeypatch.setattr(synth, "FIT_PASSES", 1)
@@ -477,7 +503,7 @@ def test_run_dir_or_config_paths_of_the_wrong_kind_are_one_clear_line(tmp_path, 
 
 def test_a_machine_wide_synthetic_start_is_trained_once_and_serves_other_charsets_and_lengths(tmp_path, digits,
                                                                                               capsys, monkeypatch):
-    monkeypatch.setitem(train.SHARED_START, "image_size", [32, 64])  # small enough for a test
+    monkeypatch.setitem(train.SHARED_START, "image_size", [32, 96])  # small enough for a test, not the sets' size
     cache = tmp_path / "cache"
     letters = tmp_path / "letters"
     synth.draw_set(letters, 40, (5, 5), "abcdef", (32, 80), seed=1)
@@ -490,6 +516,7 @@ def test_a_machine_wide_synthetic_start_is_trained_once_and_serves_other_charset
     synthetic_metadata = json.loads((pretrained / "metadata.json").read_text())
     assert synthetic_metadata["charset"] == string.digits + string.ascii_letters
     assert [synthetic_metadata["min_length"], synthetic_metadata["length"]] == [4, 6]
+    assert synthetic_metadata["image_size"] == [32, 96]
     drawn = [path.stem.split("_")[0] for path in data.find_images(pretrained.parent / "images")]
     assert {len(label) for label in drawn} == {4, 5, 6}
     assert any(c.islower() for label in drawn for c in label) and any(c.isupper() for label in drawn for c in label)
