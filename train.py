@@ -149,11 +149,15 @@ def imagenet_or_fallback(m, dataset):
         missing = fallback == "synthetic" and m["synthetic_scope"] == "set" and synth.undrawable(dataset["charset"])
         if missing:
             fallback, why = "none", f", as the synthetic captchas cannot draw {missing!r}"
-        drawn = "the set's charset and lengths" if m["synthetic_scope"] == "set" else SHARED_START["name"]
-        start = f"synthetic captchas of {drawn}" if fallback == "synthetic" else "random weights"
+        start = f"synthetic captchas of {synthetic_drawing(m)}" if fallback == "synthetic" else "random weights"
         print(f"WARNING: {e}. Starting from {start} instead{why} (model.weights_fallback: synthetic, none or stop).",
               file=sys.stderr)
         return fallback
+
+
+def synthetic_drawing(m):
+    """What model.weights=synthetic's captchas are drawn in, as messages say it."""
+    return "the set's charset and lengths" if m["synthetic_scope"] == "set" else SHARED_START["name"]
 
 
 def pretrained_on_synthetic(cfg, dataset):
@@ -169,10 +173,10 @@ def pretrained_on_synthetic(cfg, dataset):
     if shared:
         charset, lengths, (height, width), seed = (SHARED_START["charset"], SHARED_START["lengths"],
                                                    SHARED_START["image_size"], 0)
-        drawn = f"{SHARED_START['name']}, the start shared by every set in {d['cache_dir']}"
+        drawn = f"{synthetic_drawing(m)}, the start shared by every set in {d['cache_dir']}"
     else:
         charset, lengths, (height, width), seed = dataset["charset"], d["length"], dataset["image_size"], d["seed"]
-        drawn = "the set's charset and lengths"
+        drawn = synthetic_drawing(m)
         missing = synth.undrawable(charset)
         if missing:
             raise UserError(f"model.weights=synthetic: the synthetic captchas cannot draw {missing!r}, which the "
