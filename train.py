@@ -195,11 +195,10 @@ def pretrained_on_synthetic(cfg, dataset):
               f"synthetic captchas of {drawn}")
         return run_dir
     images = folder / "images"
-    if shared:  # a backbone that cannot take the shared size says so before anything is drawn
-        try:
-            build_model(SHARED_START["image_size"], 1, 2, m["backbone"], "none")
-        except UserError as e:
-            raise UserError(f"model.synthetic_scope=machine: {e}") from None
+    try:  # a backbone that cannot take the drawing's size says so before anything is drawn
+        build_model((height, width), 1, 2, m["backbone"], "none")
+    except UserError as e:
+        raise UserError(f"model.weights=synthetic (model.synthetic_scope={m['synthetic_scope']}): {e}") from None
     if not images.exists():
         if fitted:
             style, size = data.fitted_style([dataset["items"][i][0] for i in dataset["train"]], charset,

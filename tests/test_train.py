@@ -202,6 +202,20 @@ def test_synthetic_weights_refuse_a_charset_their_captchas_cannot_draw(tmp_path,
     assert not (tmp_path / "cache" / "synthetic").exists()
 
 
+def test_a_backbone_that_cannot_take_the_input_stops_the_synthetic_start_before_drawing(tmp_path, digits,
+                                                                                         monkeypatch):
+    def drawn(*args, **kwargs):
+        raise AssertionError("drew synthetic captchas for a model that cannot be built")
+
+    monkeypatch.setattr(synth, "draw_set", drawn)
+    cfg = tiny_config(digits, tmp_path / "cache", "model.weights=synthetic", "model.backbone=InceptionV3")
+    with pytest.raises(UserError, match=r"model.synthetic_scope=set\): model.backbone InceptionV3 cannot be built "
+                                        r"for input \(32, 64\)"):
+        train.pretrained_on_synthetic(cfg, {"image_size": [32, 64], "charset": "0123456789"})
+    (folder,) = (tmp_path / "cache" / "synthetic").iterdir()
+    assert not (folder / "images").exists()
+
+
 def test_a_synthetic_start_another_process_is_training_stops_with_one_line(tmp_path, digits, monkeypatch):
     cfg = tiny_config(digits, tmp_path / "cache", "model.weights=synthetic", "model.synthetic_scope=machine")
     dataset = {"image_size": [32, 64], "charset": "0123456789"}
