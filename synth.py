@@ -49,7 +49,6 @@ class Style:
     line_width: int = 1
     stroke: int = 0  # pixels added around each character's strokes
     noise: float = 0.0  # standard deviation of grey noise over the finished image, in levels of 255
-    swap_case: str = ""  # characters drawn in their other case half the time, labelled as they are
 
 
 REFERENCE_HEIGHT = 64
@@ -132,8 +131,6 @@ class Drawer:
     def characters(self, text, colour, background, rng):
         pieces = []
         for char in text:
-            if char in self.style.swap_case and rng.random() < 0.5:
-                char = char.swapcase()
             if rng.random() > self.style.space_probability:
                 pieces.append(self.character(" ", colour, rng))
             pieces.append(self.character(char, colour, rng))
@@ -201,15 +198,6 @@ def draw_set(out, count, lengths=(4, 4), charset=CHARSET, size=SIZE, seed=0, sty
     seconds = time.perf_counter() - started
     print(f"drew {count} captchas in {seconds:.1f} s: {count / seconds:.0f} images/s on {processes} "
           f"process{'es' if processes > 1 else ''}")
-
-
-def either_case(charset):
-    """The letters of charset whose other case it lacks. Sites that ignore case often show letters in
-    both and label them in one, so the synthetic start draws such a letter in both: a backbone that
-    knows both shapes of each letter, labelled as the charset has it."""
-    others = {c: c.swapcase() for c in charset if len(c.swapcase()) == 1 and c.swapcase() != c}
-    missing = undrawable("".join(others.values()))
-    return "".join(c for c, other in others.items() if other not in charset and other not in missing)
 
 
 def undrawable(charset):

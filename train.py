@@ -6,7 +6,6 @@ Killed or interrupted, the same command resumes from the last completed epoch.
 """
 import argparse
 import copy
-import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -183,11 +182,10 @@ def pretrained_on_synthetic(cfg, dataset):
             raise UserError(f"model.weights=synthetic: the synthetic captchas cannot draw {missing!r}, which the "
                             f"charset holds (their font has no glyph for it); set model.weights to imagenet, none, "
                             f"a weights file, or model.synthetic_scope to machine with model.synthetic_style=captcha")
-    fitted, either_case = m["synthetic_style"] == "fitted", synth.either_case(charset)
+    fitted = m["synthetic_style"] == "fitted"
     what = {"charset": charset, "length": list(lengths), "image_size": [height, width],
             "backbone": m["backbone"], "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": seed,
             "style": m["synthetic_style"], "style_version": synth.STYLE_VERSION,
-            "either_case": either_case,
             "fitted_to": sorted(dataset["digests"][i] for i in dataset["train"]) if fitted else None}
     folder = Path(d["cache_dir"]) / "synthetic" / hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
     run_dir = folder / "run"
@@ -207,7 +205,6 @@ def pretrained_on_synthetic(cfg, dataset):
                                             lengths, seed)
         else:  # drawn 64 pixels high, the captcha package's scale, in the input's shape
             style, size = synth.Style(), (64, round(64 * width / height))
-        style = dataclasses.replace(style, swap_case=either_case)
         with atomic.replacing(images) as partial:
             synth.draw_set(partial, m["synthetic_images"], lengths, charset, size, seed, style,
                            shorten="model.synthetic_images")
@@ -217,9 +214,8 @@ def pretrained_on_synthetic(cfg, dataset):
                              unlabelled=None)
     synthetic["model"]["weights"] = "none"
     synthetic["train"].update(epochs=m["synthetic_epochs"], int8_export=False)  # a start, never read as it is
-    print(f"model.weights=synthetic: first training on {m['synthetic_images']} synthetic captchas of {drawn}"
-          f"{f' ({either_case!r} drawn in either case)' if either_case else ''}, {m['synthetic_epochs']} epochs, "
-          f"in {run_dir}")
+    print(f"model.weights=synthetic: first training on {m['synthetic_images']} synthetic captchas of {drawn}, "
+          f"{m['synthetic_epochs']} epochs, in {run_dir}")
     return train(synthetic, run_dir, stage=PRETRAINING)
 
 

@@ -257,24 +257,6 @@ def test_synthesis_like_a_folder_draws_in_its_size_colours_and_grain(tmp_path, m
         data.main(["synth", "--like", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), "--count", "1"])
 
 
-def test_synthesis_draws_letters_of_one_case_in_both_and_labels_them_as_the_charset_has_them(tmp_path, monkeypatch):
-    assert synth.either_case("abcxyz019") == "abcxyz"  # a site that ignores case may show either
-    assert synth.either_case("aAbB0") == ""  # both cases are classes of their own: never swapped
-    drawn = []
-    real_character = synth.Drawer.character
-    monkeypatch.setattr(synth.Drawer, "character", lambda self, char, colour, rng: drawn.append(char) or
-                        real_character(self, char, colour, rng))
-    synth.draw_set(tmp_path / "one", 40, (4, 4), "ab", (32, 64), seed=1, processes=1,
-                   style=synth.Style(swap_case=synth.either_case("ab")))
-    assert {"a", "b", "A", "B"} <= set(drawn)
-    assert {c for p in (tmp_path / "one").iterdir() for c in p.name.split("_")[0]} == {"a", "b"}
-    drawn.clear()
-    synth.draw_set(tmp_path / "two", 40, (4, 4), "aAbB", (32, 64), seed=1, processes=1,
-                   style=synth.Style(swap_case=synth.either_case("aAbB")))
-    assert collections.Counter(c for c in drawn if c != " ") == collections.Counter(
-        c for p in (tmp_path / "two").iterdir() for c in p.name.split("_")[0])  # as labelled
-
-
 def test_synthesis_of_a_length_range_gives_each_length_an_equal_share(tmp_path, capsys):
     for folder in ("a", "b"):
         data.main(["synth", "--out", str(tmp_path / folder), "--count", "6", "--length", "2-4", "--size", "32x64",

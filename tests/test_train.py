@@ -202,17 +202,6 @@ def test_synthetic_weights_refuse_a_charset_their_captchas_cannot_draw(tmp_path,
     assert not (tmp_path / "cache" / "synthetic").exists()
 
 
-def test_a_synthetic_start_draws_a_charset_of_lower_case_letters_in_both_cases(tmp_path, digits, monkeypatch):
-    styles = []
-    monkeypatch.setattr(synth, "draw_set", lambda out, count, lengths, charset, size, seed, style, shorten:
-                        styles.append((charset, style.swap_case)) or os.makedirs(out))
-    monkeypatch.setattr(train, "train", lambda cfg, run_dir, stage: run_dir)  # what is drawn, not its training
-    cfg = tiny_config(digits, tmp_path / "cache", "model.weights=synthetic")
-    for charset in ("abc0", "0123456789"):
-        train.pretrained_on_synthetic(cfg, {"image_size": [32, 64], "charset": charset})
-    assert styles == [("abc0", "abc"), ("0123456789", "")]
-
-
 def test_a_backbone_that_cannot_take_the_input_stops_the_synthetic_start_before_drawing(tmp_path, digits,
                                                                                          monkeypatch):
     def drawn(*args, **kwargs):
