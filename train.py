@@ -301,6 +301,11 @@ def fit_rounds(state, model, extra_callbacks, stage):
         if round_:  # self-training: the unlabelled images read surely enough join the labelled ones
             images, targets, train_indices = with_pseudo_labels(model, dataset, state["unlabelled"], shape, round_,
                                                                 t["pseudo_label_confidence"], run_dir)
+            if len(train_indices) == len(dataset["train"]):  # the same labels again would teach nothing new
+                print(f"self-training ends: round {round_} found no unlabelled captcha read with confidence >= "
+                      f"{t['pseudo_label_confidence']}")
+                rounds = round_ - 1
+                break
         # Every epoch passes over the images once, or more where a small set would make it shorter
         # than train.min_steps / train.epochs steps: so the held-out split is scored train.epochs
         # times, however small the set.

@@ -72,6 +72,23 @@ def test_continuing_a_run_starts_from_its_weights_keeps_them_unless_bettered_and
     assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
 
 
+def test_self_training_ends_when_a_round_finds_no_sure_reading(tmp_path, trained_run, digits, cache_dir, capsys,
+                                                               monkeypatch):
+    monkeypatch.setattr(train, "with_pseudo_labels", lambda model, dataset, *args: (
+        dataset["images"], dataset["targets"], dataset["train"]))  # not one unlabelled captcha read surely
+    labelled = trained_run.parent / "data" / "synthetic"
+    cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
+                                             f"model.weights={trained_run}", f"data.unlabelled={digits}",
+                                             "train.self_training_rounds=2", "data.max_train_images=32",
+                                             cache_dir=cache_dir))
+    run_dir = train.train(cfg, tmp_path / "run")
+    assert "self-training ends: round 1 found no unlabelled captcha read with confidence >= 0.95" in (
+        capsys.readouterr().out)
+    with open(run_dir / "history.csv") as f:
+        assert len(list(csv.DictReader(f))) == 1  # the labels' epoch, and no round repeating it
+    assert json.loads((run_dir / "metadata.json").read_text())["self_training"]["rounds"] == 0
+
+
 def test_only_sure_readings_become_labels_and_never_held_out_ones(tmp_path, monkeypatch):
     """Pseudo-labels are the readings at or above the threshold; they only ever join the training indices."""
     confidences = [0.99, 0.5, 0.97, 0.2]  # of four unlabelled images, told apart by their first pixel
