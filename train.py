@@ -198,7 +198,9 @@ def pretrained_on_synthetic(cfg, dataset):
     try:  # a backbone that cannot take the drawing's size says so before anything is drawn
         build_model((height, width), 1, 2, m["backbone"], "none")
     except UserError as e:
-        raise UserError(f"model.weights=synthetic (model.synthetic_scope={m['synthetic_scope']}): {e}") from None
+        remedy = "a larger data.image_size" if m["synthetic_scope"] == "set" else "model.synthetic_scope=set"
+        raise UserError(f"model.weights=synthetic (model.synthetic_scope={m['synthetic_scope']}): {e}; choose "
+                        f"another model.backbone or {remedy}") from None
     if not images.exists():
         if fitted:
             style, size = data.fitted_style([dataset["items"][i][0] for i in dataset["train"]], charset,
@@ -301,9 +303,10 @@ def fit_rounds(state, model, extra_callbacks, stage):
         if round_:  # self-training: the unlabelled images read surely enough join the labelled ones
             images, targets, train_indices = with_pseudo_labels(model, dataset, state["unlabelled"], shape, round_,
                                                                 t["pseudo_label_confidence"], run_dir)
-            if len(train_indices) == len(dataset["train"]):  # the same labels again would teach nothing new
+            started = completed_epochs(run_dir / f"backup_round_{round_}")
+            if len(train_indices) == len(dataset["train"]) and not started:  # the same labels would teach nothing new
                 print(f"self-training ends: round {round_} found no unlabelled captcha read with confidence >= "
-                      f"{t['pseudo_label_confidence']}")
+                      f"{t['pseudo_label_confidence']} (train.pseudo_label_confidence)")
                 rounds = round_ - 1
                 break
         # Every epoch passes over the images once, or more where a small set would make it shorter
@@ -390,8 +393,8 @@ def finish_run(state, model):
     }
     save_model(with_precision(model, "float32"), run_dir / run.MODEL_FILE, metadata)
     atomic.write_text(run_dir / "metadata.json", json.dumps(metadata, indent=2))
-    for backup in ("backup", *(f"backup_round_{r}" for r in range(1, state["rounds"] + 1))):
-        shutil.rmtree(run_dir / backup, ignore_errors=True)
+    for backup in (run_dir / "backup", *run_dir.glob("backup_round_*")):
+        shutil.rmtree(backup, ignore_errors=True)
     for resume_state in ("early_stopping.json", "best.weights.npz", "rounds.json"):
         (run_dir / resume_state).unlink(missing_ok=True)
     print((f"chose epoch {chosen} of {progress['epochs']}" if chosen else

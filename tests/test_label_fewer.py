@@ -74,19 +74,24 @@ def test_continuing_a_run_starts_from_its_weights_keeps_them_unless_bettered_and
 
 def test_self_training_ends_when_a_round_finds_no_sure_reading(tmp_path, trained_run, digits, cache_dir, capsys,
                                                                monkeypatch):
-    monkeypatch.setattr(train, "with_pseudo_labels", lambda model, dataset, *args: (
-        dataset["images"], dataset["targets"], dataset["train"]))  # not one unlabelled captcha read surely
+    """Round 1 takes every unlabelled captcha, round 2 none: training ends there, with one round run,
+    rather than training once more on the same labels."""
+    read_surely = training.with_pseudo_labels
+    monkeypatch.setattr(train, "with_pseudo_labels", lambda model, dataset, unlabelled, metadata, round_, *args: (
+        read_surely(model, dataset, unlabelled, metadata, round_, *args) if round_ == 1
+        else (dataset["images"], dataset["targets"], dataset["train"])))
     labelled = trained_run.parent / "data" / "synthetic"
     cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
                                              f"model.weights={trained_run}", f"data.unlabelled={digits}",
-                                             "train.self_training_rounds=2", "data.max_train_images=32",
-                                             cache_dir=cache_dir))
+                                             "train.self_training_rounds=3", "data.max_train_images=32",
+                                             "train.pseudo_label_confidence=0.000001", cache_dir=cache_dir))
     run_dir = train.train(cfg, tmp_path / "run")
-    assert "self-training ends: round 1 found no unlabelled captcha read with confidence >= 0.95" in (
-        capsys.readouterr().out)
+    assert ("self-training ends: round 2 found no unlabelled captcha read with confidence >= 1e-06 "
+            "(train.pseudo_label_confidence)") in capsys.readouterr().out
     with open(run_dir / "history.csv") as f:
-        assert len(list(csv.DictReader(f))) == 1  # the labels' epoch, and no round repeating it
-    assert json.loads((run_dir / "metadata.json").read_text())["self_training"]["rounds"] == 0
+        assert len(list(csv.DictReader(f))) == 2  # the labels' epoch and round 1's, and no round repeating them
+    assert json.loads((run_dir / "metadata.json").read_text())["self_training"]["rounds"] == 1
+    assert not [p.name for p in run_dir.iterdir() if p.name.startswith("backup") or p.name == "rounds.json"]
 
 
 def test_only_sure_readings_become_labels_and_never_held_out_ones(tmp_path, monkeypatch):
