@@ -230,7 +230,8 @@ def lock(run_dir, advice="or choose another --run-dir"):
         lock_file.seek(0)
         pid = lock_file.read().strip() or "unknown"
         lock_file.close()
-        raise UserError(f"another process (pid {pid}) is training into {run_dir}: wait for it to end, {advice}") from None
+        raise UserError(f"another process (pid {pid}) is training into {run_dir}: wait for it to end, "
+                        f"{advice}") from None
     lock_file.truncate(0)
     lock_file.write(f"{os.getpid()}\n")
     lock_file.flush()

@@ -195,13 +195,13 @@ def pretrained_on_synthetic(cfg, dataset):
               f"synthetic captchas of {drawn}")
         return run_dir
     images = folder / "images"
-    try:  # a backbone that cannot take the drawing's size says so before anything is drawn
-        build_model((height, width), 1, 2, m["backbone"], "none")
-    except UserError as e:
-        remedy = "a larger data.image_size" if m["synthetic_scope"] == "set" else "model.synthetic_scope=set"
-        raise UserError(f"model.weights=synthetic (model.synthetic_scope={m['synthetic_scope']}): {e}; choose "
-                        f"another model.backbone or {remedy}") from None
     if not images.exists():
+        try:  # a backbone that cannot take the drawing's size says so before anything is drawn
+            build_model((height, width), 1, 2, m["backbone"], "none")
+        except UserError as e:
+            remedy = "a larger data.image_size" if m["synthetic_scope"] == "set" else "model.synthetic_scope=set"
+            raise UserError(f"model.weights=synthetic (model.synthetic_scope={m['synthetic_scope']}): {e}; choose "
+                            f"another model.backbone or {remedy}") from None
         if fitted:
             style, size = data.fitted_style([dataset["items"][i][0] for i in dataset["train"]], charset,
                                             lengths, seed)
@@ -303,8 +303,8 @@ def fit_rounds(state, model, extra_callbacks, stage):
         if round_:  # self-training: the unlabelled images read surely enough join the labelled ones
             images, targets, train_indices = with_pseudo_labels(model, dataset, state["unlabelled"], shape, round_,
                                                                 t["pseudo_label_confidence"], run_dir)
-            started = completed_epochs(run_dir / f"backup_round_{round_}")
-            if len(train_indices) == len(dataset["train"]) and not started:  # the same labels would teach nothing new
+            # A round that read nothing new would train on the same labels again; one already under way goes on.
+            if len(train_indices) == len(dataset["train"]) and not completed_epochs(run_dir / f"backup_round_{round_}"):
                 print(f"self-training ends: round {round_} found no unlabelled captcha read with confidence >= "
                       f"{t['pseudo_label_confidence']} (train.pseudo_label_confidence)")
                 rounds = round_ - 1
