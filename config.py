@@ -20,6 +20,7 @@ CHOICES = {
     "model.weights_fallback": ("synthetic", "none", "stop"),
     "model.synthetic_style": ("fitted", "captcha"),
     "model.synthetic_scope": ("set", "machine"),
+    "model.head": ("pooled", "attention"),
     "train.self_training": ("rounds", "consistency"),
     "train.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "train.distribute": ("none", "data_parallel"),

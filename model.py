@@ -37,19 +37,46 @@ def preprocessing_for(backbone):
     return next((name for pattern, name in FAMILIES if re.match(pattern, backbone)), "minus_one_to_one")
 
 
-def build_model(image_size, length, num_classes, backbone="Xception", weights="imagenet", dropout=0.5):
+HEADS = ("pooled", "attention")
+
+
+def build_model(image_size, length, num_classes, backbone="Xception", weights="imagenet", dropout=0.5,
+                head="pooled"):
     """-> (model, initialisation: 'imagenet', 'random' or the weights file's path). Raises
-    ImageNetUnavailable where the ImageNet weights are neither in ~/.keras/models nor downloadable."""
+    ImageNetUnavailable where the ImageNet weights are neither in ~/.keras/models nor downloadable.
+    head `pooled`: the backbone's features averaged over the image, one dense softmax per position;
+    `attention`: see attention_heads."""
     height, width = image_size
     pixels = keras.Input((height, width, 3), dtype="uint8", name="pixels")
     scale, offset = PREPROCESSING[preprocessing_for(backbone)]
     # float32 whatever the policy: pixel values need more than bfloat16's 8 bits of precision.
     scaled = layers.Rescaling(list(scale), list(offset), dtype="float32", name="normalise")(pixels)
-    features, initialisation = build_backbone(backbone, weights, scaled)
-    x = layers.Dropout(dropout, name="dropout")(features)
-    outputs = [layers.Dense(num_classes, activation="softmax", dtype="float32", name=f"char_{i}")(x)
-               for i in range(1, length + 1)]
+    features, initialisation = build_backbone(backbone, weights, scaled, "avg" if head == "pooled" else None)
+    if head == "pooled":
+        x = layers.Dropout(dropout, name="dropout")(features)
+        outputs = [layers.Dense(num_classes, activation="softmax", dtype="float32", name=f"char_{i}")(x)
+                   for i in range(1, length + 1)]
+    else:
+        outputs = attention_heads(features, length, num_classes, dropout)
     return keras.Model(pixels, outputs, name=f"captcha_{backbone.lower()}"), initialisation
+
+
+def attention_heads(features, length, num_classes, dropout):
+    """One softmax per position over a weighted average of the feature map, the weights (where to look)
+    learned per position, and one classifier shared by every position: a letter learned at one position
+    is known at all of them, so each character class learns from `length` times as many examples.
+    float32, as the pooled heads are: with_precision keeps every char_ layer's dtype."""
+    height, width, channels = features.shape[1:]
+    cells = height * width
+    where = layers.Conv2D(length, 1, dtype="float32", name="char_where")(features)
+    where = layers.Softmax(axis=1, dtype="float32", name="char_where_softmax")(layers.Reshape((cells, length))(where))
+    looked_at = layers.Dot(axes=1, dtype="float32", name="char_looked_at")(
+        [where, layers.Reshape((cells, channels))(features)])
+    looked_at = layers.Dropout(dropout, name="dropout")(looked_at)
+    logits = layers.Dense(num_classes, dtype="float32", name="char_classes")(looked_at)
+    return [layers.Activation("softmax", dtype="float32", name=f"char_{i + 1}")(
+                layers.Reshape((num_classes,))(layers.Cropping1D((i, length - 1 - i))(logits)))
+            for i in range(length)]
 
 
 def copy_weights(source, target, heads):
@@ -71,7 +98,7 @@ class ImageNetUnavailable(UserError):
     pass
 
 
-def build_backbone(backbone, weights, inputs):
+def build_backbone(backbone, weights, inputs, pooling="avg"):
     """Passing the input as a tensor skips keras.applications' minimum-size check (71 for
     Xception): the network only needs each side to survive its 32x downsampling."""
     application = getattr(keras.applications, backbone)
@@ -79,7 +106,7 @@ def build_backbone(backbone, weights, inputs):
     if source not in (None, "imagenet") and not Path(source).is_file():
         raise UserError(f"model.weights: no weights file at {source}")
     try:
-        network = application(include_top=False, weights=source, input_tensor=inputs, pooling="avg")
+        network = application(include_top=False, weights=source, input_tensor=inputs, pooling=pooling)
     except (ValueError, OSError) as e:
         reason = str(e).splitlines()[0]
         if source not in (None, "imagenet"):

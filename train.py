@@ -133,7 +133,8 @@ def continued_run(m):
     if metadata["backbone"] != m["backbone"]:
         raise UserError(f"model.weights: {path} was trained with model.backbone={metadata['backbone']}, not "
                         f"{m['backbone']}; set model.backbone={metadata['backbone']} to continue from it")
-    return {"path": str(run.model_path(path)), "charset": metadata["charset"], "lengths": run.model_lengths(metadata)}
+    return {"path": str(run.model_path(path)), "charset": metadata["charset"], "lengths": run.model_lengths(metadata),
+            "head": metadata.get("head", "pooled")}  # runs saved before model.head had pooled heads
 
 
 def imagenet_or_fallback(m, dataset):
@@ -184,7 +185,7 @@ def pretrained_on_synthetic(cfg, dataset):
                             f"a weights file, or model.synthetic_scope to machine with model.synthetic_style=captcha")
     fitted = m["synthetic_style"] == "fitted"
     what = {"charset": charset, "length": list(lengths), "image_size": [height, width],
-            "backbone": m["backbone"], "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": seed,
+            "backbone": m["backbone"], "head": m["head"], "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": seed,
             "style": m["synthetic_style"], "style_version": synth.STYLE_VERSION,
             "fitted_to": sorted(dataset["digests"][i] for i in dataset["train"]) if fitted else None}
     folder = Path(d["cache_dir"]) / "synthetic" / hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -236,15 +237,14 @@ def starting_model(state):
     classes = data.class_count(charset, lengths)  # with a range of lengths, one more: the blank
     with state["scope"]():
         model, initialisation = build_model(dataset["image_size"], lengths[1], classes, m["backbone"],
-                                            "none" if source else state["weights"], m["dropout"])
-        state["heads"] = bool(source) and (source["charset"], source["lengths"]) == (charset, lengths)
+                                            "none" if source else state["weights"], m["dropout"], m["head"])
+        state["heads"] = bool(source) and (source["charset"], source["lengths"], source["head"]) == (
+            charset, lengths, m["head"])
         if source:
             copy_weights(load_model(source["path"])[0], model, state["heads"])
             initialisation = f"{source['path']} ({'every layer' if state['heads'] else 'backbone only'})"
             print(f"continuing from {source['path']}: " + ("every weight, heads included" if state["heads"] else
-                  f"the backbone's weights, with new heads, as the "
-                  f"{'charset' if source['charset'] != charset else 'length'} changed ({source['charset']!r} x "
-                  f"{source['lengths']} -> {charset!r} x {lengths})"))
+                  f"the backbone's weights, with new heads, as the {changed(source, charset, lengths, m['head'])}"))
     state.update(policy=policy, initialisation=initialisation, classes=classes,
                  batch_size=t["batch_size"] * state["replicas"],
                  learning_rate=t["learning_rate"] * math.sqrt(state["replicas"]))  # the square-root scaling rule
@@ -253,6 +253,15 @@ def starting_model(state):
           f"{model.count_params():,} parameters; batch {state['batch_size']} over {state['replicas']} "
           f"device{'s' if state['replicas'] > 1 else ''}")
     return model
+
+
+def changed(source, charset, lengths, head):
+    """What differs between the run continued from and this one, as a message says it."""
+    if source["head"] != head:
+        return f"model.head changed ({source['head']} -> {head})"
+    if source["charset"] != charset:
+        return f"charset changed ({source['charset']!r} -> {charset!r})"
+    return f"length changed ({source['lengths']} -> {lengths})"
 
 
 # ---------------------------------------------------------------- fit the rounds
@@ -376,7 +385,7 @@ def finish_run(state, model):
     shortest, longest = dataset["lengths"]
     metadata = {  # length: the number of heads, the longest label; min_length: the shortest
         "charset": dataset["charset"], "length": longest, "min_length": shortest, "image_size": dataset["image_size"],
-        "case": d["case"], "label_pattern": d["label_pattern"], "backbone": m["backbone"],
+        "case": d["case"], "label_pattern": d["label_pattern"], "backbone": m["backbone"], "head": m["head"],
         "initialisation": state["initialisation"],
         "preprocessing": f"{preprocessing_for(m['backbone'])} scaling of RGB uint8 pixels, inside the model; "
                          f"images resized to image_size by data.decode_image (bilinear)",

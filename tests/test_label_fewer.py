@@ -194,3 +194,36 @@ def test_consistency_training_reads_each_unlabelled_captcha_through_two_views(tm
         config.load_config(None, overrides("train.self_training=consistency", *[
             f"train.augment_{name}=0" for name in ("shift", "rotate", "scale", "warp", "blur", "noise")],
             cache_dir=cache_dir))
+
+
+def test_attention_heads_read_every_position_through_one_classifier():
+    """A class the shared classifier favours is read at every position, whatever each position looks at."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    built, _ = model.build_model((32, 64), 4, 10, backbone="MobileNet", weights="none", head="attention")
+    classes = built.get_layer("char_classes")
+    kernel, bias = classes.get_weights()
+    bias[7] = 50.0
+    classes.set_weights([kernel * 0, bias])
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 64, 3), dtype=np.uint8)
+    readings = [keras.ops.convert_to_numpy(p) for p in built(pixels)]
+    assert len(readings) == 4 and all((r.argmax(axis=-1) == 7).all() for r in readings)
+
+
+def test_attention_heads_continue_from_a_pooled_run_and_read_as_recorded(tmp_path, trained_run, cache_dir, capsys):
+    """model.head=attention from a run with pooled heads: the backbone is kept, the heads start anew,
+    and the saved model reads the held-out split as training recorded."""
+    from recognizer import Recognizer
+
+    labelled = trained_run.parent / "data" / "synthetic"
+    cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
+                                             f"model.weights={trained_run}", "model.head=attention",
+                                             "data.max_train_images=32", cache_dir=cache_dir))
+    run_dir = train.train(cfg, tmp_path / "run")
+    assert "with new heads, as the model.head changed (pooled -> attention)" in capsys.readouterr().out
+    metadata = json.loads((run_dir / "metadata.json").read_text())
+    assert metadata["head"] == "attention" and metadata["continued_from"]["heads"] == "new"
+    root, items, _, _ = held_out_items(run_dir, None, "sensitive")
+    report, _ = scoring.score_items(Recognizer.load(run_dir), items, root)
+    assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
