@@ -41,7 +41,7 @@ HEADS = ("pooled", "attention")
 
 
 def build_model(image_size, length, num_classes, backbone="Xception", weights="imagenet", dropout=0.5,
-                head="pooled"):
+                head="attention"):
     """-> (model, initialisation: 'imagenet', 'random' or the weights file's path). Raises
     ImageNetUnavailable where the ImageNet weights are neither in ~/.keras/models nor downloadable.
     head `pooled`: the backbone's features averaged over the image, one dense softmax per position;
@@ -62,9 +62,10 @@ def build_model(image_size, length, num_classes, backbone="Xception", weights="i
 
 
 def attention_heads(features, length, num_classes, dropout):
-    """One softmax per position over a weighted average of the feature map, the weights (where to look)
-    learned per position, and one classifier shared by every position: a letter learned at one position
-    is known at all of them, so each character class learns from `length` times as many examples.
+    """One softmax per position over the sum of two readings: one classifier, shared by every position,
+    reads a weighted average of the feature map, the weights (where to look) learned per position, so that
+    a letter learned at one position is known at all of them; and each position's own classifier reads
+    the map's plain average, as the pooled heads do, for where the map has fewer cells than characters.
     float32, as the pooled heads are: with_precision keeps every char_ layer's dtype."""
     height, width, channels = features.shape[1:]
     cells = height * width
@@ -72,8 +73,12 @@ def attention_heads(features, length, num_classes, dropout):
     where = layers.Softmax(axis=1, dtype="float32", name="char_where_softmax")(layers.Reshape((cells, length))(where))
     looked_at = layers.Dot(axes=1, dtype="float32", name="char_looked_at")(
         [where, layers.Reshape((cells, channels))(features)])
-    looked_at = layers.Dropout(dropout, name="dropout")(looked_at)
-    logits = layers.Dense(num_classes, dtype="float32", name="char_classes")(looked_at)
+    shared = layers.Dense(num_classes, dtype="float32", name="char_classes")(
+        layers.Dropout(dropout, name="dropout")(looked_at))
+    pooled = layers.Dropout(dropout, name="pooled_dropout")(layers.GlobalAveragePooling2D(name="pooled")(features))
+    own = layers.Reshape((length, num_classes))(
+        layers.Dense(length * num_classes, dtype="float32", name="char_positions")(pooled))
+    logits = layers.Add(dtype="float32", name="char_logits")([shared, own])
     return [layers.Activation("softmax", dtype="float32", name=f"char_{i + 1}")(
                 layers.Reshape((num_classes,))(layers.Cropping1D((i, length - 1 - i))(logits)))
             for i in range(length)]

@@ -125,7 +125,7 @@ def test_a_new_charset_keeps_the_backbone_and_starts_new_heads(trained_run):
     model.copy_weights(source, target, heads=False)
     body = [(a, b) for a, b in zip(source.layers, target.layers) if a.weights and not a.name.startswith("char_")]
     assert body and all(np.array_equal(wa, wb) for a, b in body for wa, wb in zip(a.get_weights(), b.get_weights()))
-    assert target.get_layer("char_1").get_weights()[0].shape[-1] == 12
+    assert target.get_layer("char_classes").get_weights()[0].shape[-1] == 12
     with pytest.raises(UserError, match="model.weights: .* was trained with model.backbone=MobileNet"):
         train.continued_run({"weights": str(trained_run), "backbone": "ResNet50"})
     assert train.continued_run({"weights": str(trained_run), "backbone": "MobileNet"})["charset"] == "0123456789"
@@ -211,19 +211,20 @@ def test_attention_heads_read_every_position_through_one_classifier():
     assert len(readings) == 4 and all((r.argmax(axis=-1) == 7).all() for r in readings)
 
 
-def test_attention_heads_continue_from_a_pooled_run_and_read_as_recorded(tmp_path, trained_run, cache_dir, capsys):
-    """model.head=attention from a run with pooled heads: the backbone is kept, the heads start anew,
-    and the saved model reads the held-out split as training recorded."""
+def test_other_heads_than_the_run_continued_from_keep_its_backbone_and_read_as_recorded(tmp_path, trained_run,
+                                                                                       cache_dir, capsys):
+    """model.head=pooled, the published recipe's heads, from a run with attention heads: the backbone
+    is kept, the heads start anew, and the saved model reads the held-out split as training recorded."""
     from recognizer import Recognizer
 
     labelled = trained_run.parent / "data" / "synthetic"
     cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
-                                             f"model.weights={trained_run}", "model.head=attention",
+                                             f"model.weights={trained_run}", "model.head=pooled",
                                              "data.max_train_images=32", cache_dir=cache_dir))
     run_dir = train.train(cfg, tmp_path / "run")
-    assert "with new heads, as the model.head changed (pooled -> attention)" in capsys.readouterr().out
+    assert "with new heads, as the model.head changed (attention -> pooled)" in capsys.readouterr().out
     metadata = json.loads((run_dir / "metadata.json").read_text())
-    assert metadata["head"] == "attention" and metadata["continued_from"]["heads"] == "new"
+    assert metadata["head"] == "pooled" and metadata["continued_from"]["heads"] == "new"
     root, items, _, _ = held_out_items(run_dir, None, "sensitive")
     report, _ = scoring.score_items(Recognizer.load(run_dir), items, root)
     assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
