@@ -258,7 +258,7 @@ def starting_model(state):
 def changed(source, charset, lengths, head):
     """What differs between the run continued from and this one, as a message says it."""
     if source["head"] != head:
-        return f"model.head changed ({source['head']} -> {head})"
+        return f"model.head changed ({source['head']} -> {head}; model.head={source['head']} would keep every weight)"
     if source["charset"] != charset:
         return f"charset changed ({source['charset']!r} -> {charset!r})"
     return f"length changed ({source['lengths']} -> {lengths})"

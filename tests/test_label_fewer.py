@@ -196,19 +196,26 @@ def test_consistency_training_reads_each_unlabelled_captcha_through_two_views(tm
             cache_dir=cache_dir))
 
 
-def test_attention_heads_read_every_position_through_one_classifier():
-    """A class the shared classifier favours is read at every position, whatever each position looks at."""
+def test_attention_heads_read_through_one_shared_classifier_and_each_positions_own():
+    """A class the shared classifier favours is read at every position, whatever each position looks at;
+    with the shared classifier silent, each position reads what its own classifier favours."""
     import keras
 
     keras.mixed_precision.set_global_policy("float32")
     built, _ = model.build_model((32, 64), 4, 10, backbone="MobileNet", weights="none", head="attention")
-    classes = built.get_layer("char_classes")
-    kernel, bias = classes.get_weights()
-    bias[7] = 50.0
-    classes.set_weights([kernel * 0, bias])
     pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 64, 3), dtype=np.uint8)
-    readings = [keras.ops.convert_to_numpy(p) for p in built(pixels)]
-    assert len(readings) == 4 and all((r.argmax(axis=-1) == 7).all() for r in readings)
+
+    def readings():
+        return [keras.ops.convert_to_numpy(p).argmax(axis=-1) for p in built(pixels)]
+
+    shared, own = built.get_layer("char_classes"), built.get_layer("char_positions")
+    kernel, bias = shared.get_weights()
+    shared.set_weights([kernel * 0, np.eye(10)[7] * 50])
+    assert len(readings()) == 4 and all((r == 7).all() for r in readings())
+    shared.set_weights([kernel * 0, bias * 0])
+    kernel, bias = own.get_weights()
+    own.set_weights([kernel * 0, np.eye(10)[[1, 2, 3, 4]].reshape(-1) * 50])  # position i favours digit i
+    assert [set(r) for r in readings()] == [{1}, {2}, {3}, {4}]
 
 
 def test_other_heads_than_the_run_continued_from_keep_its_backbone_and_read_as_recorded(tmp_path, trained_run,
@@ -222,7 +229,8 @@ def test_other_heads_than_the_run_continued_from_keep_its_backbone_and_read_as_r
                                              f"model.weights={trained_run}", "model.head=pooled",
                                              "data.max_train_images=32", cache_dir=cache_dir))
     run_dir = train.train(cfg, tmp_path / "run")
-    assert "with new heads, as the model.head changed (attention -> pooled)" in capsys.readouterr().out
+    assert ("with new heads, as the model.head changed (attention -> pooled; model.head=attention would keep every "
+            "weight)") in capsys.readouterr().out
     metadata = json.loads((run_dir / "metadata.json").read_text())
     assert metadata["head"] == "pooled" and metadata["continued_from"]["heads"] == "new"
     root, items, _, _ = held_out_items(run_dir, None, "sensitive")
