@@ -37,9 +37,6 @@ def preprocessing_for(backbone):
     return next((name for pattern, name in FAMILIES if re.match(pattern, backbone)), "minus_one_to_one")
 
 
-HEADS = ("pooled", "attention")
-
-
 def build_model(image_size, length, num_classes, backbone="Xception", weights="imagenet", dropout=0.5,
                 head="attention"):
     """-> (model, initialisation: 'imagenet', 'random' or the weights file's path). Raises
