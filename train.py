@@ -189,20 +189,20 @@ def pretrained_on_synthetic(cfg, dataset):
             "style": m["synthetic_style"], "style_version": synth.STYLE_VERSION,
             "fitted_to": sorted(dataset["digests"][i] for i in dataset["train"]) if fitted else None}
     folder = Path(d["cache_dir"]) / "synthetic" / hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-    run_dir = folder / "run"
-    run.lock(folder, "then run again: the start it trains is kept for this run too")  # sets may share it
-    if (run_dir / run.MODEL_FILE).exists():
-        print(f"model.weights=synthetic: continuing from {run_dir}, trained earlier on {m['synthetic_images']} "
-              f"synthetic captchas of {drawn}")
-        return run_dir
-    images = folder / "images"
+    run_dir, images = folder / "run", folder / "images"
     if not images.exists():
-        try:  # a backbone that cannot take the drawing's size says so before anything is drawn
+        try:  # a backbone that cannot take the drawing's size says so before anything is written
             build_model((height, width), 1, 2, m["backbone"], "none")
         except UserError as e:
             remedy = "a larger data.image_size" if m["synthetic_scope"] == "set" else "model.synthetic_scope=set"
             raise UserError(f"model.weights=synthetic (model.synthetic_scope={m['synthetic_scope']}): {e}; choose "
                             f"another model.backbone or {remedy}") from None
+    run.lock(folder, "then run again: the start it trains is kept for this run too")  # sets may share it
+    if (run_dir / run.MODEL_FILE).exists():
+        print(f"model.weights=synthetic: continuing from {run_dir}, trained earlier on {m['synthetic_images']} "
+              f"synthetic captchas of {drawn}")
+        return run_dir
+    if not images.exists():
         if fitted:
             style, size = data.fitted_style([dataset["items"][i][0] for i in dataset["train"]], charset,
                                             lengths, seed)

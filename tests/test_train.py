@@ -202,18 +202,21 @@ def test_synthetic_weights_refuse_a_charset_their_captchas_cannot_draw(tmp_path,
     assert not (tmp_path / "cache" / "synthetic").exists()
 
 
+@pytest.mark.parametrize("scope, size, remedy", [("set", r"\(32, 64\)", "a larger data.image_size"),
+                                                 ("machine", r"\(48, 128\)", "model.synthetic_scope=set")])
 def test_a_backbone_that_cannot_take_the_input_stops_the_synthetic_start_before_drawing(tmp_path, digits,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, scope, size,
+                                                                                         remedy):
     def drawn(*args, **kwargs):
         raise AssertionError("drew synthetic captchas for a model that cannot be built")
 
     monkeypatch.setattr(synth, "draw_set", drawn)
-    cfg = tiny_config(digits, tmp_path / "cache", "model.weights=synthetic", "model.backbone=InceptionV3")
-    with pytest.raises(UserError, match=r"model.synthetic_scope=set\): model.backbone InceptionV3 cannot be built "
-                                        r"for input \(32, 64\)"):
+    cfg = tiny_config(digits, tmp_path / "cache", "model.weights=synthetic", "model.backbone=InceptionV3",
+                      f"model.synthetic_scope={scope}")
+    with pytest.raises(UserError, match=rf"model.synthetic_scope={scope}\): model.backbone InceptionV3 cannot be "
+                                        rf"built for input {size}: .*; choose another model.backbone or {remedy}$"):
         train.pretrained_on_synthetic(cfg, {"image_size": [32, 64], "charset": "0123456789"})
-    (folder,) = (tmp_path / "cache" / "synthetic").iterdir()
-    assert not (folder / "images").exists()
+    assert not (tmp_path / "cache" / "synthetic").exists()  # no folder left behind, nor its lock
 
 
 def test_a_synthetic_start_another_process_is_training_stops_with_one_line(tmp_path, digits, monkeypatch):
