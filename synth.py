@@ -54,7 +54,7 @@ class Style:
 REFERENCE_HEIGHT = 64
 # Part of the synthetic start's cache key: bump it whenever the same Style draws differently, or the fit
 # (STATISTICS, SEARCHED, FIT_*) chooses differently.
-STYLE_VERSION = 4
+STYLE_VERSION = 3
 # The quick start's own set: four digits, drawn small and plain enough that the shipped model learns
 # them from random weights within minutes on a laptop CPU.
 QUICK_START_STYLE = Style(font_sizes=(44, 48, 52), offset=(2, 2), rotate=8, warp=((0.0, 0.1), (0.0, 0.1)),
@@ -159,44 +159,33 @@ def file_name(label, index, lengths):
     return f"{label}_{index:0{max(6, lengths[1] + 1)}d}.png"
 
 
-def other_cases(charset):
-    """Each letter of charset whose other case it lacks -> that other case. Labels that lack it cannot
-    tell the two apart: the site ignores case, or shows capitals labelled in lower case."""
-    swapped = {c: c.swapcase() for c in charset if len(c.swapcase()) == 1 and c.swapcase() not in charset + c}
-    missing = undrawable("".join(swapped.values()))
-    return {c: other for c, other in swapped.items() if other not in missing}
-
-
 def draw_range(job):
     """Draws images start..stop of a set into its folder (a worker's share)."""
-    out, start, stop, lengths, charset, size, seed, style, either = job
+    out, start, stop, lengths, charset, size, seed, style = job
     drawer = Drawer(size, style)
     for index in range(start, stop):
         rng = random.Random(f"{seed}:{index}")
         label = label_for(index, lengths, charset, rng)
-        text = "".join(rng.choice((c, either[c])) if c in either else c for c in label)
-        drawer.draw(text, rng).save(Path(out) / file_name(label, index, lengths))
+        drawer.draw(label, rng).save(Path(out) / file_name(label, index, lengths))
     return stop - start
 
 
 def draw_set(out, count, lengths=(4, 4), charset=CHARSET, size=SIZE, seed=0, style=Style(), processes=None,
-             shorten="--count", either_case=False):
+             shorten="--count"):
     """Writes `count` captchas into out as LABEL_NNNNNNN.png, in parallel processes where there are cores
-    to spare; the same seed gives the same files. lengths: [shortest, longest]. either_case: each letter
-    whose other case the charset lacks is drawn in either case, labelled as the charset has it. Says,
-    after the first few, about how long the rest will take."""
-    either = other_cases(charset) if either_case else {}
+    to spare; the same seed gives the same files. lengths: [shortest, longest]. Says, after the first few,
+    about how long the rest will take."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     processes = processes or max(1, min(os.cpu_count() or 1, count // 500))
     probe = min(count, 16)
     started = time.perf_counter()
-    draw_range((str(out), 0, probe, list(lengths), charset, tuple(size), seed, style, either))
+    draw_range((str(out), 0, probe, list(lengths), charset, tuple(size), seed, style))
     rate = probe / (time.perf_counter() - started) * processes
     print(f"drawing {count} captchas on {processes} process{'es' if processes > 1 else ''}: about "
           f"{max(1, round(count / rate))} s (shortened by {shorten})", flush=True)
     chunk = max(1, min(500, -(-(count - probe) // processes)))
-    jobs = [(str(out), start, min(count, start + chunk), list(lengths), charset, tuple(size), seed, style, either)
+    jobs = [(str(out), start, min(count, start + chunk), list(lengths), charset, tuple(size), seed, style)
             for start in range(probe, count, chunk)]
     with tqdm(total=count, initial=probe, desc=f"drawing captchas into {out}", unit="img") as bar:
         if processes > 1 and "fork" in multiprocessing.get_all_start_methods():

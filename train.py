@@ -210,7 +210,7 @@ def pretrained_on_synthetic(cfg, dataset):
             style, size = synth.Style(), (64, round(64 * width / height))
         with atomic.replacing(images) as partial:
             synth.draw_set(partial, m["synthetic_images"], lengths, charset, size, seed, style,
-                           shorten="model.synthetic_images", either_case=True)
+                           shorten="model.synthetic_images")
     synthetic = copy.deepcopy(cfg)
     synthetic["data"].update(dir=str(images), labels=None, label_pattern=None, charset=charset, length=list(lengths),
                              case="sensitive", image_size=[height, width], seed=seed, max_train_images=0,

@@ -237,22 +237,6 @@ def test_synthesis_is_reproducible_whatever_the_number_of_processes(tmp_path):
     assert names != sorted(p.name for p in (tmp_path / "c").iterdir())  # another seed, other captchas
 
 
-def test_the_synthetic_start_draws_letters_labelled_in_one_case_in_either(tmp_path, monkeypatch):
-    # Labels of lower-case letters alone cannot tell `a` from `A` (a site that ignores case, or shows
-    # capitals): the start must learn both shapes under the one label. A charset with both cases is drawn as labelled.
-    drawn = []
-    draw = synth.Drawer.draw
-    monkeypatch.setattr(synth.Drawer, "draw", lambda self, text, rng: drawn.append(text) or draw(self, text, rng))
-    synth.draw_set(tmp_path / "either", 40, (4, 4), "ab7", (32, 64), seed=3, processes=1, either_case=True)
-    labels = sorted(p.name.split("_")[0] for p in (tmp_path / "either").iterdir())
-    assert set("".join(labels)) <= set("ab7") and sorted(text.lower() for text in drawn) == labels
-    assert {"a", "A", "b", "B", "7"} <= set("".join(drawn))
-    drawn.clear()
-    synth.draw_set(tmp_path / "both", 40, (4, 4), "aAb", (32, 64), seed=3, processes=1, either_case=True)
-    labels = [p.stem.split("_")[0] for p in sorted((tmp_path / "both").iterdir(), key=lambda p: p.stem.split("_")[1])]
-    assert [text.replace("B", "b") for text in drawn] == labels and "B" in "".join(drawn)
-
-
 def test_synthesis_like_a_folder_draws_in_its_size_colours_and_grain(tmp_path, monkeypatch):
     # A scheme unlike the captcha package's: light ink on a dark, grainy background, 40x100.
     scheme = synth.Style(background=(20, 40), ink=(200, 255), opaque=True, noise=25.0, dots=0, arcs=0)
