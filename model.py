@@ -33,6 +33,10 @@ FAMILIES = [  # first matching prefix wins; everything else (Xception, Inception
 ]
 
 
+# Changed with the layers a head builds, so that a synthetic start cached before is not read into other heads.
+HEAD_VERSION = 2
+
+
 def preprocessing_for(backbone):
     return next((name for pattern, name in FAMILIES if re.match(pattern, backbone)), "minus_one_to_one")
 
@@ -59,23 +63,25 @@ def build_model(image_size, length, num_classes, backbone="Xception", weights="i
 
 
 def attention_heads(features, length, num_classes, dropout):
-    """One softmax per position over the sum of two readings: one classifier, shared by every position,
-    reads a weighted average of the feature map, the weights (where to look) learned per position, so that
-    a letter learned at one position is known at all of them; and each position's own classifier reads
-    the map's plain average, as the pooled heads do, for where the map has fewer cells than characters.
-    float32, as the pooled heads are: with_precision keeps every char_ layer's dtype."""
+    """One softmax per position. One classifier, shared by every position, reads a weighted average of
+    the feature map, the weights (where to look) learned per position, so that a letter learned at one
+    position is known at all of them. Where the map has fewer cells than characters, some positions
+    must look at the same cells, so each position's own classifier also reads the map's plain average,
+    as the pooled heads do, and the two readings are summed. float32, as the pooled heads are:
+    with_precision keeps every char_ layer's dtype."""
     height, width, channels = features.shape[1:]
     cells = height * width
     where = layers.Conv2D(length, 1, dtype="float32", name="char_where")(features)
     where = layers.Softmax(axis=1, dtype="float32", name="char_where_softmax")(layers.Reshape((cells, length))(where))
     looked_at = layers.Dot(axes=1, dtype="float32", name="char_looked_at")(
         [where, layers.Reshape((cells, channels))(features)])
-    shared = layers.Dense(num_classes, dtype="float32", name="char_classes")(
+    logits = layers.Dense(num_classes, dtype="float32", name="char_classes")(
         layers.Dropout(dropout, name="dropout")(looked_at))
-    pooled = layers.Dropout(dropout, name="pooled_dropout")(layers.GlobalAveragePooling2D(name="pooled")(features))
-    own = layers.Reshape((length, num_classes))(
-        layers.Dense(length * num_classes, dtype="float32", name="char_positions")(pooled))
-    logits = layers.Add(dtype="float32", name="char_logits")([shared, own])
+    if cells < length:
+        pooled = layers.Dropout(dropout, name="pooled_dropout")(layers.GlobalAveragePooling2D(name="pooled")(features))
+        own = layers.Reshape((length, num_classes))(
+            layers.Dense(length * num_classes, dtype="float32", name="char_positions")(pooled))
+        logits = layers.Add(dtype="float32", name="char_logits")([logits, own])
     return [layers.Activation("softmax", dtype="float32", name=f"char_{i + 1}")(
                 layers.Reshape((num_classes,))(layers.Cropping1D((i, length - 1 - i))(logits)))
             for i in range(length)]
