@@ -10,6 +10,7 @@ from conftest import copy_digits, overrides
 import config
 import data
 import model
+import run
 import scoring
 import synth
 import train
@@ -197,8 +198,9 @@ def test_consistency_training_reads_each_unlabelled_captcha_through_two_views(tm
 
 
 def test_attention_heads_read_through_one_shared_classifier_and_each_positions_own():
-    """A class the shared classifier favours is read at every position, whatever each position looks at;
-    with the shared classifier silent, each position reads what its own classifier favours."""
+    """On a feature map with fewer cells than characters (1x2 for 4), a class the shared classifier
+    favours is read at every position, whatever each position looks at; with the shared classifier
+    silent, each position reads what its own classifier favours."""
     import keras
 
     keras.mixed_precision.set_global_policy("float32")
@@ -216,6 +218,38 @@ def test_attention_heads_read_through_one_shared_classifier_and_each_positions_o
     kernel, bias = own.get_weights()
     own.set_weights([kernel * 0, np.eye(10)[[1, 2, 3, 4]].reshape(-1) * 50])  # position i favours digit i
     assert [set(r) for r in readings()] == [{1}, {2}, {3}, {4}]
+
+
+def test_attention_heads_read_only_through_the_shared_classifier_where_the_map_has_a_cell_per_character(
+        trained_run):
+    """On a 2x4 feature map for 4 characters, each position reads only what the shared classifier makes
+    of where it looks: silenced, every position reads every class alike. The backbone is a trained run's,
+    as a random one's features all but vanish."""
+    import keras
+
+    keras.mixed_precision.set_global_policy("float32")
+    built, _ = model.build_model((64, 128), 4, 10, backbone="MobileNet", weights="none", head="attention")
+    model.copy_weights(model.load_model(run.model_path(trained_run))[0], built, heads=False)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 128, 3), dtype=np.uint8)
+    shared = built.get_layer("char_classes")
+    kernel, bias = shared.get_weights()
+    shared.set_weights([kernel * 0, bias * 0])
+    for position in built(pixels):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(position), 0.1, rtol=1e-5)
+
+
+def test_a_larger_input_that_changes_the_heads_layers_keeps_the_backbone_with_new_heads(tmp_path, trained_run,
+                                                                                    cache_dir, capsys):
+    """Continued at an input whose feature map has a cell for every character, where the run continued
+    from had too few, the heads need other layers: the backbone is kept and the heads start anew."""
+    labelled = trained_run.parent / "data" / "synthetic"
+    cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
+                                             f"model.weights={trained_run}", "data.image_size=[64,128]",
+                                             "data.max_train_images=32", cache_dir=cache_dir))
+    run_dir = train.train(cfg, tmp_path / "run")
+    assert ("with new heads, as the input size changed (32x64 -> 64x128), and with it which layers the heads "
+            "need") in capsys.readouterr().out
+    assert json.loads((run_dir / "metadata.json").read_text())["continued_from"]["heads"] == "new"
 
 
 def test_other_heads_than_the_run_continued_from_keep_its_backbone_and_read_as_recorded(tmp_path, trained_run,
