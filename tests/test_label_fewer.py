@@ -238,35 +238,27 @@ def test_attention_heads_read_only_through_the_shared_classifier_where_the_map_h
         np.testing.assert_allclose(keras.ops.convert_to_numpy(position), 0.1, rtol=1e-5)
 
 
-def test_a_larger_input_that_changes_the_heads_layers_keeps_the_backbone_with_new_heads(tmp_path, trained_run,
-                                                                                    cache_dir, capsys):
-    """Continued at an input whose feature map has a cell for every character, where the run continued
-    from had too few, the heads need other layers: the backbone is kept and the heads start anew."""
-    labelled = trained_run.parent / "data" / "synthetic"
-    cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
-                                             f"model.weights={trained_run}", "data.image_size=[64,128]",
-                                             "data.max_train_images=32", cache_dir=cache_dir))
-    run_dir = train.train(cfg, tmp_path / "run")
-    assert ("with new heads, as the input size changed (32x64 -> 64x128), and with it which layers the heads "
-            "need") in capsys.readouterr().out
-    assert json.loads((run_dir / "metadata.json").read_text())["continued_from"]["heads"] == "new"
-
-
+@pytest.mark.parametrize("setting, reason", [
+    ("model.head=pooled", "model.head changed (attention -> pooled; model.head=attention would keep every weight)"),
+    # a feature map with a cell for every character, where the run continued from had too few
+    ("data.image_size=[64,128]", "input size changed (32x64 -> 64x128), and with it which layers the heads need"),
+])
 def test_other_heads_than_the_run_continued_from_keep_its_backbone_and_read_as_recorded(tmp_path, trained_run,
-                                                                                       cache_dir, capsys):
-    """model.head=pooled, the published recipe's heads, from a run with attention heads: the backbone
-    is kept, the heads start anew, and the saved model reads the held-out split as training recorded."""
+                                                                                       cache_dir, capsys, setting,
+                                                                                       reason):
+    """model.head=pooled, the published recipe's heads, or an input that changes which layers the
+    attention heads need, from a run with attention heads: the backbone is kept, the heads start anew,
+    and the saved model reads the held-out split as training recorded."""
     from recognizer import Recognizer
 
     labelled = trained_run.parent / "data" / "synthetic"
     cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
-                                             f"model.weights={trained_run}", "model.head=pooled",
+                                             f"model.weights={trained_run}", setting,
                                              "data.max_train_images=32", cache_dir=cache_dir))
     run_dir = train.train(cfg, tmp_path / "run")
-    assert ("with new heads, as the model.head changed (attention -> pooled; model.head=attention would keep every "
-            "weight)") in capsys.readouterr().out
+    assert f"with new heads, as the {reason}" in capsys.readouterr().out
     metadata = json.loads((run_dir / "metadata.json").read_text())
-    assert metadata["head"] == "pooled" and metadata["continued_from"]["heads"] == "new"
+    assert metadata["continued_from"]["heads"] == "new"
     root, items, _, _ = held_out_items(run_dir, None, "sensitive")
     report, _ = scoring.score_items(Recognizer.load(run_dir), items, root)
     assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
