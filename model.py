@@ -87,6 +87,12 @@ def attention_heads(features, length, num_classes, dropout):
             for i in range(length)]
 
 
+def head_layers(model):
+    """The names of the heads' layers with weights: where two models' are alike, one's heads can be copied
+    into the other."""
+    return sorted(layer.name for layer in model.layers if layer.weights and layer.name.startswith("char_"))
+
+
 def copy_weights(source, target, heads):
     """Copies the weights of source, a model made by build_model with the same backbone, into target,
     layer by layer in order; the heads (char_N) too when `heads`. The input sizes may differ: no

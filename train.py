@@ -25,8 +25,8 @@ import run
 import synth
 from cli import UserError, import_keras, run_main, warn
 from config import DEFAULTS_PATH, flatten, load_config, shipped
-from model import (HEAD_VERSION, ImageNetUnavailable, build_model, copy_weights, load_model, preprocessing_for,
-                   resolve_precision, save_model, with_precision)
+from model import (HEAD_VERSION, ImageNetUnavailable, build_model, copy_weights, head_layers, load_model,
+                   preprocessing_for, resolve_precision, save_model, with_precision)
 from training import (MONITOR, SELECTION, Batches, HeldOutAccuracy, History, ResumableEarlyStopping,
                       TimeEstimate, completed_epochs, data_parallel, epoch_arrays, read_history, trim_history, with_pseudo_labels)
 
@@ -120,7 +120,8 @@ def resolved(cfg):
 
 def continued_run(m):
     """The finished run that model.weights names, by its directory or its .keras file ->
-    {path, charset, lengths, head, image_size}; None when model.weights is imagenet, none, synthetic or a backbone weights file."""
+    {path, charset, lengths, head, image_size}; None when model.weights is imagenet, none, synthetic or a backbone
+    weights file."""
     if m["weights"] in ("imagenet", "none", "synthetic"):
         return None
     path = Path(m["weights"])
@@ -186,7 +187,8 @@ def pretrained_on_synthetic(cfg, dataset):
                             f"a weights file, or model.synthetic_scope to machine with model.synthetic_style=captcha")
     fitted = m["synthetic_style"] == "fitted"
     what = {"charset": charset, "length": list(lengths), "image_size": [height, width],
-            "backbone": m["backbone"], "head": m["head"], "head_version": HEAD_VERSION, "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": seed,
+            "backbone": m["backbone"], "head": m["head"], "head_version": HEAD_VERSION,
+            "images": m["synthetic_images"], "epochs": m["synthetic_epochs"], "seed": seed,
             "style": m["synthetic_style"], "style_version": synth.STYLE_VERSION,
             "fitted_to": sorted(dataset["digests"][i] for i in dataset["train"]) if fitted else None}
     folder = Path(d["cache_dir"]) / "synthetic" / hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
@@ -246,8 +248,9 @@ def starting_model(state):
                 charset, lengths, m["head"], head_layers(model))
             copy_weights(previous, model, state["heads"])
             initialisation = f"{source['path']} ({'every layer' if state['heads'] else 'backbone only'})"
+            reason = changed(source, charset, lengths, m["head"], dataset["image_size"])
             print(f"continuing from {source['path']}: " + ("every weight, heads included" if state["heads"] else
-                  f"the backbone's weights, with new heads, as the {changed(source, charset, lengths, m['head'], dataset['image_size'])}"))
+                  f"the backbone's weights, with new heads, as the {reason}"))
     state.update(policy=policy, initialisation=initialisation, classes=classes,
                  batch_size=t["batch_size"] * state["replicas"],
                  learning_rate=t["learning_rate"] * math.sqrt(state["replicas"]))  # the square-root scaling rule
@@ -258,11 +261,6 @@ def starting_model(state):
     return model
 
 
-def head_layers(model):
-    """The names of the layers with weights that read the backbone's features: alike, the heads can be copied."""
-    return sorted(layer.name for layer in model.layers if layer.weights and layer.name.startswith("char_"))
-
-
 def changed(source, charset, lengths, head, image_size):
     """What differs between the run continued from and this one, as a message says it."""
     if source["head"] != head:
@@ -271,8 +269,10 @@ def changed(source, charset, lengths, head, image_size):
         return f"charset changed ({source['charset']!r} -> {charset!r})"
     if source["lengths"] != lengths:
         return f"length changed ({source['lengths']} -> {lengths})"
-    return (f"input size changed ({'x'.join(map(str, source['image_size']))} -> {'x'.join(map(str, image_size))}), "
-            f"and with it which layers the heads need")
+    if source["image_size"] != image_size:
+        return (f"input size changed ({'x'.join(map(str, source['image_size']))} -> "
+                f"{'x'.join(map(str, image_size))}), and with it which layers the heads need")
+    return f"model.head={head} builds other layers than when that run was trained"
 
 
 # ---------------------------------------------------------------- fit the rounds

@@ -238,14 +238,16 @@ def test_attention_heads_read_only_through_the_shared_classifier_where_the_map_h
         np.testing.assert_allclose(keras.ops.convert_to_numpy(position), 0.1, rtol=1e-5)
 
 
-@pytest.mark.parametrize("setting, reason", [
-    ("model.head=pooled", "model.head changed (attention -> pooled; model.head=attention would keep every weight)"),
+@pytest.mark.parametrize("setting, head, reason", [
+    ("model.head=pooled", "pooled",
+     "model.head changed (attention -> pooled; model.head=attention would keep every weight)"),
     # a feature map with a cell for every character, where the run continued from had too few
-    ("data.image_size=[64,128]", "input size changed (32x64 -> 64x128), and with it which layers the heads need"),
+    ("data.image_size=[64,128]", "attention",
+     "input size changed (32x64 -> 64x128), and with it which layers the heads need"),
 ])
 def test_other_heads_than_the_run_continued_from_keep_its_backbone_and_read_as_recorded(tmp_path, trained_run,
                                                                                        cache_dir, capsys, setting,
-                                                                                       reason):
+                                                                                       head, reason):
     """model.head=pooled, the published recipe's heads, or an input that changes which layers the
     attention heads need, from a run with attention heads: the backbone is kept, the heads start anew,
     and the saved model reads the held-out split as training recorded."""
@@ -258,7 +260,7 @@ def test_other_heads_than_the_run_continued_from_keep_its_backbone_and_read_as_r
     run_dir = train.train(cfg, tmp_path / "run")
     assert f"with new heads, as the {reason}" in capsys.readouterr().out
     metadata = json.loads((run_dir / "metadata.json").read_text())
-    assert metadata["continued_from"]["heads"] == "new"
+    assert metadata["head"] == head and metadata["continued_from"]["heads"] == "new"
     root, items, _, _ = held_out_items(run_dir, None, "sensitive")
     report, _ = scoring.score_items(Recognizer.load(run_dir), items, root)
     assert report["whole_string_accuracy"] == metadata["held_out_whole_string_accuracy"]
