@@ -41,7 +41,8 @@ IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes M
 DECODE_VERSION = 2
 # Part of the cache key: bump it whenever the cached digests or look-alike hashes change.
 DIGEST_VERSION = 3
-# data.image_size: auto keeps the pixel count of 50x120 and the images' shape.
+# data.image_size: auto keeps the pixel count of 50x120 and the images' shape, widened where needed so
+# that the backbone's feature map (a column per MIN_IMAGE_SIDE pixels) has a column for every character.
 AUTO_PIXELS = 50 * 120
 AUTO_SAMPLE = 1000
 FEW_OF_A_LENGTH = 20  # fewer images of a length than this get a warning: too few to learn it, or to score it
@@ -85,10 +86,11 @@ def full_size_rgb(source):
         raise ImageError(f"corrupt image: {e}") from None
 
 
-def auto_image_size(paths):
-    """data.image_size: auto -> ([height, width], width/height). The images' median aspect, from the
-    headers of at most AUTO_SAMPLE of them, at about AUTO_PIXELS pixels, each side a multiple of 8
-    and at least MIN_IMAGE_SIDE."""
+def auto_image_size(paths, length):
+    """data.image_size: auto -> ([height, width], why: a line for the log). The images' median aspect,
+    from the headers of at most AUTO_SAMPLE of them, at about AUTO_PIXELS pixels, each side a multiple
+    of 8 and at least MIN_IMAGE_SIDE; the width at least MIN_IMAGE_SIDE per character of the longest
+    captchas (`length`), so that each position's head has a column of features of its own."""
     aspects = []
     for path in paths[::-(-len(paths) // AUTO_SAMPLE) or 1]:  # every k-th, k rounded up: at most AUTO_SAMPLE
         try:
@@ -98,7 +100,12 @@ def auto_image_size(paths):
             continue  # load_images reports it
     aspect = float(np.median(aspects)) if aspects else 120 / 50  # none readable: the run stops on that anyway
     height = (AUTO_PIXELS / aspect) ** 0.5
-    return [max(MIN_IMAGE_SIDE, 8 * round(side / 8)) for side in (height, height * aspect)], aspect
+    height, width = (max(MIN_IMAGE_SIDE, 8 * round(side / 8)) for side in (height, height * aspect))
+    why = f"the images' median width:height is {aspect:.2f}"
+    if width < MIN_IMAGE_SIDE * length:
+        width = MIN_IMAGE_SIDE * length
+        why += f", widened to a column of the backbone's features per character ({MIN_IMAGE_SIDE} pixels each)"
+    return [height, width], why
 
 
 def read_bytes(source):
@@ -579,7 +586,7 @@ def load_dataset(cfg, charset_hint=None):
     fits_hint = charset_hint is not None and set("".join(labels)) <= set(charset_hint)
     charset = d["charset"] or (charset_hint if fits_hint else infer_charset(labels))
     paths = [path for path, _ in good]
-    image_size, aspect = (d["image_size"], None) if d["image_size"] != "auto" else auto_image_size(paths)
+    image_size, why = (d["image_size"], None) if d["image_size"] != "auto" else auto_image_size(paths, lengths[1])
     decoded = load_images(paths, image_size, d["cache_dir"], desc=f"decoding {root}")
     digests, failures = decoded.digests, decoded.failures
     valid = np.array([i for i in range(len(paths)) if i not in failures], dtype=np.int64)
@@ -601,8 +608,7 @@ def load_dataset(cfg, charset_hint=None):
     print(f"data: {len(valid)} images from {root}, labels from {d['labels'] or 'file names'}; "
           f"charset {charset!r} ({len(charset)} characters{charset_source}), "
           f"length {shown_length(lengths)}; {len(train_idx)} to train, {len(test_idx)} held out; input "
-          f"{image_size[0]}x{image_size[1]}" + (f" (data.image_size auto: the images' median width:height is "
-                                                f"{aspect:.2f})" if aspect else ""))
+          f"{image_size[0]}x{image_size[1]}" + (f" (data.image_size auto: {why})" if why else ""))
     if lengths[0] < lengths[1]:
         counts, held_out = (collections.Counter(len(good[i][1]) for i in indices) for indices in (valid, test_idx))
         print("  lengths: " + ", ".join(f"{n}: {counts[n]} ({held_out[n]} held out)"

@@ -344,19 +344,33 @@ def test_file_name_labels_of_every_length_in_the_range_parse_back(charset, draw)
         assert data.label_from_name(f"{tag}_{label}.png", None, fits, (shortest, longest)) == label
 
 
+@pytest.mark.parametrize("length", [4, 5, 6])
+def test_auto_input_size_gives_the_backbone_a_column_of_features_per_character(tmp_path, length):
+    # esaj_5char's 118x51 captchas at 50x120's pixel count are 48x120: Xception's map would be 4 columns for
+    # 5 letters, and two positions would have to read theirs from the same column.
+    import model
+
+    Image.new("RGB", (118, 51)).save(tmp_path / "esaj.png")
+    (height, width), why = data.auto_image_size([tmp_path / "esaj.png"], length)
+    assert height == 48 and "widened" in why
+    pixels = model.keras.Input((height, width, 3))
+    features, _ = model.build_backbone("Xception", "none", pixels, pooling=None)
+    assert features.shape[2] == length
+
+
 def test_auto_input_size_keeps_the_captchas_shape(tmp_path, monkeypatch):
     # 4:1 captchas are not squeezed into 50x120's 2.4:1: auto keeps the images' median shape at about
     # as many pixels, each side a multiple of 8; a file that is no image does not count.
     for i, (width, height) in enumerate([(200, 50)] * 3 + [(130, 52)] * 2):
         Image.new("RGB", (width, height)).save(tmp_path / f"{i}.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    assert data.auto_image_size(sorted(tmp_path.iterdir())) == ([40, 152], 4.0)
-    assert data.auto_image_size([tmp_path / "4.png"]) == ([48, 120], 2.5)
+    assert data.auto_image_size(sorted(tmp_path.iterdir()), 4) == ([40, 152], "the images' median width:height is 4.00")
+    assert data.auto_image_size([tmp_path / "4.png"], 3)[0] == [48, 120]
     Image.new("RGB", (400, 20)).save(tmp_path / "strip.png")  # 20:1: the backbone still gets 32 pixels of height
-    assert data.auto_image_size([tmp_path / "strip.png"])[0] == [32, 344]
+    assert data.auto_image_size([tmp_path / "strip.png"], 4)[0] == [32, 344]
     opened = []
     monkeypatch.setattr(data, "read_bytes", lambda path: opened.append(path) or (tmp_path / "0.png").read_bytes())
-    data.auto_image_size([tmp_path / "0.png"] * (data.AUTO_SAMPLE * 2 - 1))
+    data.auto_image_size([tmp_path / "0.png"] * (data.AUTO_SAMPLE * 2 - 1), 4)
     assert len(opened) == data.AUTO_SAMPLE  # a header sample, not every file
 
 
