@@ -41,8 +41,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes M
 DECODE_VERSION = 2
 # Part of the cache key: bump it whenever the cached digests or look-alike hashes change.
 DIGEST_VERSION = 3
-# data.image_size: auto keeps the pixel count of 50x120 and the images' shape, widened where needed so
-# that the backbone's feature map (a column per MIN_IMAGE_SIDE pixels) has a column for every character.
+# data.image_size: auto: 50x120's pixel count in the images' shape, at least MIN_IMAGE_SIDE wide per character.
 AUTO_PIXELS = 50 * 120
 AUTO_SAMPLE = 1000
 FEW_OF_A_LENGTH = 20  # fewer images of a length than this get a warning: too few to learn it, or to score it
@@ -104,7 +103,7 @@ def auto_image_size(paths, length):
     why = f"the images' median width:height is {aspect:.2f}"
     if width < MIN_IMAGE_SIDE * length:
         width = MIN_IMAGE_SIDE * length
-        why += f", widened to a column of the backbone's features per character ({MIN_IMAGE_SIDE} pixels each)"
+        why += f"; widened to {MIN_IMAGE_SIDE} pixels per character, a column of the backbone's map for each"
     return [height, width], why
 
 

@@ -41,9 +41,10 @@ QUICK_START = {"data.image_size": [32, 80], "train.epochs": 2, "train.min_steps"
 # What shortens each stage, as its time estimate says.
 TRAINING = ("training", "train.epochs, train.min_steps or data.image_size")
 PRETRAINING = ("pretraining on synthetic captchas", "model.synthetic_epochs or model.synthetic_images")
-# model.synthetic_scope=machine's one start for every set: the charsets, lengths and input size most sites use.
+# model.synthetic_scope=machine's one start for every set: the charsets and lengths most sites use, at the
+# input auto gives them (a column of the backbone's map per character).
 SHARED_START = {"name": "0-9a-zA-Z, 4 to 6 characters", "charset": string.digits + string.ascii_letters,
-                "lengths": [4, 6], "image_size": [48, 128]}
+                "lengths": [4, 6], "image_size": [48, 192]}
 
 
 def train(cfg, run_dir=None, extra_callbacks=(), stage=TRAINING):
