@@ -204,7 +204,7 @@ def test_synthetic_weights_refuse_a_charset_their_captchas_cannot_draw(tmp_path,
 
 
 @pytest.mark.parametrize("scope, size, remedy", [("set", r"\(32, 64\)", "a larger data.image_size"),
-                                                 ("machine", r"\(48, 128\)", "model.synthetic_scope=set")])
+                                                 ("machine", r"\(48, 192\)", "model.synthetic_scope=set")])
 def test_a_backbone_that_cannot_take_the_input_stops_the_synthetic_start_before_drawing(tmp_path, digits,
                                                                                          monkeypatch, scope, size,
                                                                                          remedy):
