@@ -103,9 +103,8 @@ def copy_weights(source, target, heads):
     for mine, theirs in zip(body(target), body(source), strict=True):
         mine.set_weights(theirs.get_weights())
     if heads:
-        for layer in target.layers:
-            if layer.name.startswith("char_"):
-                layer.set_weights(source.get_layer(layer.name).get_weights())
+        for name in head_layers(target):
+            target.get_layer(name).set_weights(source.get_layer(name).get_weights())
 
 
 class ImageNetUnavailable(UserError):
