@@ -41,7 +41,7 @@ IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")  # JPEG includes M
 DECODE_VERSION = 2
 # Part of the cache key: bump it whenever the cached digests or look-alike hashes change.
 DIGEST_VERSION = 3
-# data.image_size: auto: 50x120's pixel count in the images' shape, at least MIN_IMAGE_SIDE wide per character.
+# data.image_size: auto: 50x120's pixel count in the images' shape, widened to width_for_characters.
 AUTO_PIXELS = 50 * 120
 AUTO_SAMPLE = 1000
 FEW_OF_A_LENGTH = 20  # fewer images of a length than this get a warning: too few to learn it, or to score it
@@ -85,11 +85,17 @@ def full_size_rgb(source):
         raise ImageError(f"corrupt image: {e}") from None
 
 
+def width_for_characters(length):
+    """The narrowest input whose backbone map (one column per MIN_IMAGE_SIDE pixels) has a column per
+    character and one to spare: characters do not sit on the columns' grid, nor fill the captcha."""
+    return MIN_IMAGE_SIDE * (length + 1)
+
+
 def auto_image_size(paths, length):
     """data.image_size: auto -> ([height, width], why: a line for the log). The images' median aspect,
     from the headers of at most AUTO_SAMPLE of them, at about AUTO_PIXELS pixels, each side a multiple
-    of 8 and at least MIN_IMAGE_SIDE; the width at least MIN_IMAGE_SIDE per character of the longest
-    captchas (`length`), so that each position's head has a column of features of its own."""
+    of 8 and at least MIN_IMAGE_SIDE; the width at least width_for_characters of the longest captchas
+    (`length`), so that each position's head has a column of features of its own."""
     aspects = []
     for path in paths[::-(-len(paths) // AUTO_SAMPLE) or 1]:  # every k-th, k rounded up: at most AUTO_SAMPLE
         try:
@@ -101,9 +107,10 @@ def auto_image_size(paths, length):
     height = (AUTO_PIXELS / aspect) ** 0.5
     height, width = (max(MIN_IMAGE_SIDE, 8 * round(side / 8)) for side in (height, height * aspect))
     why = f"the images' median width:height is {aspect:.2f}"
-    if width < MIN_IMAGE_SIDE * length:
-        width = MIN_IMAGE_SIDE * length
-        why += f"; widened to {MIN_IMAGE_SIDE} pixels per character, a column of the backbone's map for each"
+    if width < width_for_characters(length):
+        width = width_for_characters(length)
+        why += (f"; widened to {MIN_IMAGE_SIDE} pixels per character and {MIN_IMAGE_SIDE} to spare, a column of the "
+                f"backbone's map for each and one more")
     return [height, width], why
 
 

@@ -42,9 +42,9 @@ QUICK_START = {"data.image_size": [32, 80], "train.epochs": 2, "train.min_steps"
 TRAINING = ("training", "train.epochs, train.min_steps or data.image_size")
 PRETRAINING = ("pretraining on synthetic captchas", "model.synthetic_epochs or model.synthetic_images")
 # model.synthetic_scope=machine's one start for every set: the charsets and lengths most sites use, at the
-# input auto gives them (a column of the backbone's map per character).
+# input auto gives them (a column of the backbone's map per character and one more).
 SHARED_START = {"name": "0-9a-zA-Z, 4 to 6 characters", "charset": string.digits + string.ascii_letters,
-                "lengths": [4, 6], "image_size": [48, 192]}
+                "lengths": [4, 6], "image_size": [48, data.width_for_characters(6)]}
 
 
 def train(cfg, run_dir=None, extra_callbacks=(), stage=TRAINING):

@@ -345,7 +345,7 @@ def test_file_name_labels_of_every_length_in_the_range_parse_back(charset, draw)
 
 
 @pytest.mark.parametrize("length", [5, 6])
-def test_auto_input_size_gives_the_backbone_a_column_of_features_per_character(tmp_path, length):
+def test_auto_input_size_gives_the_backbone_a_column_of_features_per_character_and_one_more(tmp_path, length):
     # 118x51 captchas at 50x120's pixel count alone would be 48x120: 4 columns of Xception's map for 5 letters.
     import model
 
@@ -354,7 +354,7 @@ def test_auto_input_size_gives_the_backbone_a_column_of_features_per_character(t
     assert height == 48 and "widened" in why
     pixels = model.keras.Input((height, width, 3))
     features, _ = model.build_backbone("Xception", "none", pixels, pooling=None)
-    assert features.shape[2] == length
+    assert features.shape[2] == length + 1
 
 
 def test_auto_input_size_keeps_the_captchas_shape(tmp_path, monkeypatch):
@@ -363,8 +363,8 @@ def test_auto_input_size_keeps_the_captchas_shape(tmp_path, monkeypatch):
     for i, (width, height) in enumerate([(200, 50)] * 3 + [(130, 52)] * 2):
         Image.new("RGB", (width, height)).save(tmp_path / f"{i}.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    assert data.auto_image_size(sorted(tmp_path.iterdir()), 4) == ([40, 152], "the images' median width:height is 4.00")
-    assert data.auto_image_size([tmp_path / "4.png"], 3)[0] == [48, 120]
+    assert data.auto_image_size(sorted(tmp_path.iterdir()), 3) == ([40, 152], "the images' median width:height is 4.00")
+    assert data.auto_image_size([tmp_path / "4.png"], 2)[0] == [48, 120]
     Image.new("RGB", (400, 20)).save(tmp_path / "strip.png")  # 20:1: the backbone still gets 32 pixels of height
     assert data.auto_image_size([tmp_path / "strip.png"], 4)[0] == [32, 344]
     opened = []

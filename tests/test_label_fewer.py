@@ -46,7 +46,7 @@ def test_continuing_a_run_starts_from_its_weights_keeps_them_unless_bettered_and
     (unlabelled / "broken.png").write_bytes(b"")
     cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
                                              f"model.weights={trained_run}", f"data.unlabelled={unlabelled}",
-                                             "train.pseudo_label_confidence=0.000001",
+                                             "train.pseudo_label_confidence=0.000001", "train.self_training_rounds=1",
                                              "data.max_train_images=32", cache_dir=cache_dir))
     run_dir = train.train(cfg, tmp_path / "run")
     printed = capsys.readouterr().out

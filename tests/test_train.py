@@ -54,8 +54,8 @@ def test_a_run_leaves_a_reloadable_model_with_its_metadata(trained_run, digits):
 def test_a_length_range_trains_a_head_per_position_with_a_blank_class(varied_run):
     keras_model, metadata = model.load_model(varied_run)
     assert metadata["length"] == 4 and metadata["min_length"] == 3 and metadata["charset"] == "0123456789"
-    # auto: 4:1 at 32x64's pixel count is 32x88, widened to 32 pixels for each of up to 4 characters
-    assert metadata["image_size"] == [32, 128] and tuple(keras_model.inputs[0].shape[1:3]) == (32, 128)
+    # auto: 4:1 at 32x64's pixel count is 32x88, widened to 32 pixels for each of up to 4 characters and one more
+    assert metadata["image_size"] == [32, 160] and tuple(keras_model.inputs[0].shape[1:3]) == (32, 160)
     assert keras_model.output_names == ["char_1", "char_2", "char_3", "char_4"]
     assert [output.shape[-1] for output in keras_model.outputs] == [11] * 4  # ten digits and "no character"
     held_out, _ = data.read_labels_csv(varied_run / "test_split.csv", varied_run.parent / "images")
@@ -204,7 +204,7 @@ def test_synthetic_weights_refuse_a_charset_their_captchas_cannot_draw(tmp_path,
 
 
 @pytest.mark.parametrize("scope, size, remedy", [("set", r"\(32, 64\)", "a larger data.image_size"),
-                                                 ("machine", r"\(48, 192\)", "model.synthetic_scope=set")])
+                                                 ("machine", r"\(48, 224\)", "model.synthetic_scope=set")])
 def test_a_backbone_that_cannot_take_the_input_stops_the_synthetic_start_before_drawing(tmp_path, digits,
                                                                                          monkeypatch, scope, size,
                                                                                          remedy):
