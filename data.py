@@ -86,7 +86,7 @@ def full_size_rgb(source):
 
 
 def width_for_characters(length):
-    """The narrowest input whose backbone map (one column per MIN_IMAGE_SIDE pixels) has a column per
+    """The narrowest input width whose backbone map (one column per MIN_IMAGE_SIDE pixels) has a column per
     character and one to spare: characters do not sit on the columns' grid, nor fill the captcha."""
     return MIN_IMAGE_SIDE * (length + 1)
 
@@ -95,7 +95,7 @@ def auto_image_size(paths, length):
     """data.image_size: auto -> ([height, width], why: a line for the log). The images' median aspect,
     from the headers of at most AUTO_SAMPLE of them, at about AUTO_PIXELS pixels, each side a multiple
     of 8 and at least MIN_IMAGE_SIDE; the width at least width_for_characters of the longest captchas
-    (`length`), so that each position's head has a column of features of its own."""
+    (`length`): a column of features per position and one to spare."""
     aspects = []
     for path in paths[::-(-len(paths) // AUTO_SAMPLE) or 1]:  # every k-th, k rounded up: at most AUTO_SAMPLE
         try:
@@ -109,8 +109,8 @@ def auto_image_size(paths, length):
     why = f"the images' median width:height is {aspect:.2f}"
     if width < width_for_characters(length):
         width = width_for_characters(length)
-        why += (f"; widened to {MIN_IMAGE_SIDE} pixels per character and {MIN_IMAGE_SIDE} to spare, a column of the "
-                f"backbone's map for each and one more")
+        why += (f"; widened to {MIN_IMAGE_SIDE} pixels per character plus {MIN_IMAGE_SIDE}: a column of the "
+                f"backbone's map for each, and one to spare")
     return [height, width], why
 
 

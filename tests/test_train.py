@@ -54,7 +54,7 @@ def test_a_run_leaves_a_reloadable_model_with_its_metadata(trained_run, digits):
 def test_a_length_range_trains_a_head_per_position_with_a_blank_class(varied_run):
     keras_model, metadata = model.load_model(varied_run)
     assert metadata["length"] == 4 and metadata["min_length"] == 3 and metadata["charset"] == "0123456789"
-    # auto: 4:1 at 32x64's pixel count is 32x88, widened to 32 pixels for each of up to 4 characters and one more
+    # auto: 4:1 at 32x64's pixel count is 32x88, widened to 32 pixels for each of up to 4 characters and 32 more
     assert metadata["image_size"] == [32, 160] and tuple(keras_model.inputs[0].shape[1:3]) == (32, 160)
     assert keras_model.output_names == ["char_1", "char_2", "char_3", "char_4"]
     assert [output.shape[-1] for output in keras_model.outputs] == [11] * 4  # ten digits and "no character"
