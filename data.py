@@ -107,8 +107,8 @@ def auto_image_size(paths, length):
     height = (AUTO_PIXELS / aspect) ** 0.5
     height, width = (max(MIN_IMAGE_SIDE, 8 * round(side / 8)) for side in (height, height * aspect))
     why = f"the images' median width:height is {aspect:.2f}"
-    if width < width_for_characters(length):
-        width = width_for_characters(length)
+    if width < (least := width_for_characters(length)):
+        width = least
         why += (f"; widened to {MIN_IMAGE_SIDE} pixels per character plus {MIN_IMAGE_SIDE}: a column of the "
                 f"backbone's map for each, and one to spare")
     return [height, width], why

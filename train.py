@@ -44,7 +44,8 @@ PRETRAINING = ("pretraining on synthetic captchas", "model.synthetic_epochs or m
 # model.synthetic_scope=machine's one start for every set: the charsets and lengths most sites use, at the
 # input auto gives them (a column of the backbone's map per character and one more).
 SHARED_START = {"name": "0-9a-zA-Z, 4 to 6 characters", "charset": string.digits + string.ascii_letters,
-                "lengths": [4, 6], "image_size": [48, data.width_for_characters(6)]}
+                "lengths": [4, 6]}
+SHARED_START["image_size"] = [48, data.width_for_characters(SHARED_START["lengths"][1])]
 
 
 def train(cfg, run_dir=None, extra_callbacks=(), stage=TRAINING):

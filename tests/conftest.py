@@ -111,8 +111,8 @@ def made_once(tmp_path_factory, name, make):
 def varied_run(tmp_path_factory, cache_dir):
     """A run on captchas of 3 or 4 digits (data.length=3-4): 80 drawn 4:1 by `data.py synth --length 3-4`,
     trained for one epoch at data.image_size=auto, made tiny like every test's input (32x160,
-    the least width for 4 characters and a spare column, not 40x152). Shared by the tests of training, reading, evaluating
-    and exporting it."""
+    the least width for 4 characters and a spare column, not 40x152). Shared by the tests of training,
+    reading, evaluating and exporting it."""
     import config
     import train
 
