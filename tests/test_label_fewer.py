@@ -24,8 +24,10 @@ def test_continuing_a_run_starts_from_its_weights_keeps_them_unless_bettered_and
     """Continued from a finished run on the same data, the first epoch starts where that run ended,
     below a fresh start's loss. Its unlabelled folder holds new captchas, copies of held-out ones
     and a bad file: only the new ones are pseudo-labelled, and they are kept in pseudo_labels.csv.
-    Its epochs are made to score below the start on the held-out split: the run saves the start's
-    weights, with the start's score, which is what evaluate.py reports for the saved model.
+    Its epochs are made to score below the start on the held-out split: patience ends the training
+    on the labels before its last epoch, yet the self-training round, which restarts the learning rate, runs
+    all its epochs; the run saves the start's weights, with the start's score, which is what evaluate.py
+    reports for the saved model.
     (One run for all: a training run is the suite's costliest step.)"""
     import keras
 
@@ -44,9 +46,10 @@ def test_continuing_a_run_starts_from_its_weights_keeps_them_unless_bettered_and
     for i, name in enumerate(sorted(held_out)[:3]):
         (unlabelled / f"copy_{i}.png").write_bytes((labelled / name).read_bytes())
     (unlabelled / "broken.png").write_bytes(b"")
-    cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=1",
-                                             f"model.weights={trained_run}", f"data.unlabelled={unlabelled}",
-                                             "train.pseudo_label_confidence=0.000001", "train.self_training_rounds=1",
+    cfg = config.load_config(None, overrides(f"data.dir={labelled}", "data.charset=0123456789", "train.epochs=3",
+                                             "train.patience=1", f"model.weights={trained_run}",
+                                             f"data.unlabelled={unlabelled}", "train.pseudo_label_confidence=0.000001",
+                                             "train.self_training_rounds=1",
                                              "data.max_train_images=32", cache_dir=cache_dir))
     run_dir = train.train(cfg, tmp_path / "run")
     printed = capsys.readouterr().out
@@ -56,7 +59,7 @@ def test_continuing_a_run_starts_from_its_weights_keeps_them_unless_bettered_and
         continued = list(csv.DictReader(f))
     with open(trained_run / "history.csv") as f:
         fresh = list(csv.DictReader(f))
-    assert len(continued) == 2  # one epoch of training, one of self-training
+    assert len(continued) == 2 + 3  # on the labels 2 (Keras never stops after the first), the round all 3
     assert float(continued[0]["loss"]) < float(fresh[0]["loss"])
     metadata = json.loads((run_dir / "metadata.json").read_text())
     assert metadata["continued_from"] == {"model": str(trained_run / "model.keras"), "heads": "kept"}
