@@ -364,7 +364,8 @@ def fit_rounds(state, model, extra_callbacks, stage):
         backup = run_dir / ("backup" if round_ == 0 else f"backup_round_{round_}")
         to_go = steps * (progress["epochs"] + t["epochs"] - (completed_epochs(backup) or progress["epochs"]))
         callbacks = [
-            TimeEstimate(f"{stage[0]}{f' (self-training round {round_})' if round_ else ''}", to_go, steps, stage[1]),
+            TimeEstimate(f"{stage[0]}{f' (self-training round {round_})' if round_ else ''}", to_go, steps, stage[1],
+                         stops_early=round_ == 0),
             *extra_callbacks,
             held_out,
             # Both before the backup: a kill between them and it repeats an epoch, never skips one.

@@ -134,9 +134,10 @@ class TimeEstimate(keras.callbacks.Callback):
     long the stage will take, and the keys that shorten it. After the first epoch, a second line from its
     whole time, which adds what steps leave out: scoring the held-out split, recomputing BatchNorm."""
 
-    def __init__(self, stage, steps, steps_per_epoch, shorten, after=4):
+    def __init__(self, stage, steps, steps_per_epoch, shorten, after=4, stops_early=True):
         super().__init__()
         self.stage, self.steps, self.steps_per_epoch, self.shorten, self.after = stage, steps, steps_per_epoch, shorten, after
+        self.stops_early = stops_early
         self.ends, self.epoch_starts = [], []
 
     def on_train_batch_end(self, batch, logs=None):
@@ -158,8 +159,8 @@ class TimeEstimate(keras.callbacks.Callback):
             epochs_left = self.steps / self.steps_per_epoch - 1
             if epochs_left >= 1:
                 print(f"{self.stage}: an epoch takes about {duration(per_epoch)} with its held-out scoring: about "
-                      f"{duration(epochs_left * per_epoch)} to go at most (early stopping may end it sooner)",
-                      flush=True)
+                      f"{duration(epochs_left * per_epoch)} to go"
+                      + (" at most (early stopping may end it sooner)" if self.stops_early else ""), flush=True)
 
 
 def duration(seconds):

@@ -297,18 +297,22 @@ def colour_coded(folder, count, seed=0):
     return folder
 
 
-def test_the_time_estimate_counts_the_held_out_scoring_after_the_first_epoch(monkeypatch, capsys):
+@pytest.mark.parametrize("stops_early", [True, False])
+def test_the_time_estimate_counts_the_held_out_scoring_after_the_first_epoch(monkeypatch, capsys, stops_early):
+    """A self-training round, which runs all its epochs, is not promised an early end."""
     # Steps of 10 s (only the first five are timed); the first epoch ends 110 s after its steps, scoring.
     clock = iter([0.0, 10.0, 20.0, 30.0, 40.0, 50.0, 210.0])
     monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
-    estimate = training.TimeEstimate("training", steps=30, steps_per_epoch=10, shorten="train.epochs")
+    estimate = training.TimeEstimate("training", steps=30, steps_per_epoch=10, shorten="train.epochs",
+                                     stops_early=stops_early)
     estimate.on_epoch_begin(0)
     for batch in range(10):
         estimate.on_train_batch_end(batch)
     estimate.on_epoch_begin(1)
     printed = capsys.readouterr().out
     assert "30 steps of about 10.00 s each on this machine: about 5 minutes" in printed  # the steps alone
-    assert "an epoch takes about 4 minutes with its held-out scoring: about 7 minutes to go at most" in printed
+    assert "an epoch takes about 4 minutes with its held-out scoring: about 7 minutes to go" in printed
+    assert ("at most (early stopping may end it sooner)" in printed) == stops_early
 
 
 def test_distortions_run_in_training_only_each_image_its_own_and_keep_the_picture_in_its_frame():
