@@ -377,9 +377,8 @@ def fit_rounds(state, model, extra_callbacks, stage):
             callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
         trim_history(run_dir / "history.csv", completed_epochs(backup) or progress["epochs"])
         early_stopping.new_round = round_ > 0 and not completed_epochs(backup)
-        # A round restarts the learning rate high, so its first epochs read worse than the last round's
-        # best: patience would end it there. Patience ends the training on the labels; a round runs to its end.
-        early_stopping.patience = t["patience"] if round_ == 0 else t["epochs"]
+        # A round restarts the learning rate, so it reads worse at first: patience would end it there.
+        early_stopping.patience = t["patience"] if round_ == 0 else math.inf
         round_model.fit(**inputs, initial_epoch=progress["epochs"], epochs=progress["epochs"] + t["epochs"],
                         callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
         epochs_run = len(read_history(run_dir))
