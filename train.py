@@ -376,7 +376,6 @@ def fit_rounds(state, model, extra_callbacks, stage):
         if tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(str(run_dir / "tensorboard")))
         trim_history(run_dir / "history.csv", completed_epochs(backup) or progress["epochs"])
-        early_stopping.new_round = round_ > 0 and not completed_epochs(backup)
         # A round restarts the learning rate, so it reads worse at first: patience would end it there.
         early_stopping.patience = t["patience"] if round_ == 0 else math.inf
         round_model.fit(**inputs, initial_epoch=progress["epochs"], epochs=progress["epochs"] + t["epochs"],

@@ -173,19 +173,16 @@ def duration(seconds):
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     """EarlyStopping whose best score, patience count and best weights survive a restart, and
     carry over from one self-training round to the next: they are written to state_dir after
-    every epoch and read back when training resumes. A new round starts its patience afresh."""
+    every epoch and read back when training resumes."""
 
     def __init__(self, state_dir, **kwargs):
         super().__init__(**kwargs)
         self.state_path = Path(state_dir) / "early_stopping.json"
         self.weights_path = Path(state_dir) / "best.weights.npz"
-        self.new_round = False
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         self.restore()
-        if self.new_round:
-            self.wait = 0
 
     def restore(self):
         if self.state_path.exists():

@@ -25,9 +25,9 @@ def test_continuing_a_run_starts_from_its_weights_keeps_them_unless_bettered_and
     below a fresh start's loss. Its unlabelled folder holds new captchas, copies of held-out ones
     and a bad file: only the new ones are pseudo-labelled, and they are kept in pseudo_labels.csv.
     Its epochs are made to score below the start on the held-out split: patience ends the training
-    on the labels before its last epoch, yet the self-training round, which restarts the learning rate, runs
-    all its epochs; the run saves the start's weights, with the start's score, which is what evaluate.py
-    reports for the saved model.
+    on the labels before its last epoch, yet the self-training round, which restarts the learning
+    rate, runs all its epochs; the run saves the start's weights, with the start's score, which is
+    what evaluate.py reports for the saved model.
     (One run for all: a training run is the suite's costliest step.)"""
     import keras
 
